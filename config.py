@@ -1,0 +1,251 @@
+"""Every knob of a VisPlay run, as typed dataclasses, loaded from YAML with `--set key=value` overrides.
+
+`config.yaml` documents each knob; this module only declares their types and defaults (the paper's
+settings, SPEC section 4) and checks them. Unknown keys and bad values stop the run with a message
+that names the key and says what is accepted.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None           # local save_pretrained folder; None: the embedded default (toy world)
+    dtype: str = "float32"            # float32 | bfloat16 (bfloat16 on GPUs)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    min_pixels: int = 512 * 512       # images are resized to a multiple of 28 with this many pixels at least
+    max_pixels: int = 2048 * 2048     # ... and at most
+    freeze_vision: bool = False       # keep the vision tower fixed during both GRPO stages
+
+
+@dataclass
+class DataConfig:
+    images: str | None = None         # folder (recursive) or JSONL manifest of unlabeled images; None: embedded
+    max_images: int | None = None     # use at most this many (the released code silently used 1000); None: all
+
+
+@dataclass
+class StageConfig:
+    """GRPO settings of one role's training stage (SPEC section 4)."""
+    steps: int = 20                   # GRPO steps (rollout batches) per stage and iteration
+    prompts_per_step: int = 512       # prompts (images or questions) per rollout batch
+    group_size: int = 8               # G rollouts per prompt
+    updates_per_step: int = 4         # optimizer updates per rollout batch (global batch = prompts/updates)
+    micro_batch_size: int = 8         # sequences per forward/backward (gradient accumulation)
+    rollout_batch_size: int = 64      # prompts prefilled together while sampling
+    temperature: float = 1.0
+    top_p: float = 0.99
+    top_k: int = 0                    # 0: off
+    max_new_tokens: int = 512
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    eps_low: float = 0.2              # ratio clip 1 - eps_low
+    eps_high: float = 0.3             # ratio clip 1 + eps_high ("clip higher")
+    dual_clip: float = 3.0            # c of dual clip for negative advantages; 0: off
+    kl_coef: float = 0.01             # k3 KL to the stage's starting weights; 0: no reference model
+    loss_agg: str = "seq-mean-token-mean"  # or token-mean
+    logprob_chunk: int = 256          # completion tokens per chunk of the vocabulary projection
+
+
+@dataclass
+class QuestionerConfig(StageConfig):
+    prompts_per_step: int = 512
+    max_new_tokens: int = 256
+    answer_samples: int = 10          # m: answers of the frozen reasoner per question -> confidence p
+    answer_temperature: float = 1.0
+    answer_top_p: float = 0.99
+    answer_max_new_tokens: int = 512
+    uncertainty_scale: float = 1.0    # 1: paper's 1 - 2|p - 1/2|; 0.5: released code's min(p, 1 - p)
+    diversity_weight: float = 1.0     # weight of the BLEU-cluster penalty
+    diversity_threshold: float = 0.5  # average-linkage distance threshold (distance = 1 - BLEU)
+    invalid_reward: float = -1.0      # reward of an unparsable question
+
+
+@dataclass
+class ReasonerConfig(StageConfig):
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+
+
+@dataclass
+class GenerationConfig:
+    questions_per_image: int = 8      # k
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    batch_size: int = 64              # images per sampling batch
+
+
+@dataclass
+class LabelingConfig:
+    answers_per_question: int = 9     # n
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_new_tokens: int = 1024
+    batch_size: int = 64              # questions per sampling batch
+    p_low: float = 0.3                # informative filter: keep p_low <= p <= p_high
+    p_high: float = 0.8
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: dict[str, str] = field(default_factory=dict)  # name -> labeled JSONL; {} and embedded: toy world
+    max_new_tokens: int = 1024
+    batch_size: int = 32
+    max_items: int | None = None      # per benchmark; None: all
+    samples: int = 0                  # k sampled answers per item for pass@1 / majority@k; 0: greedy only
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: str = "auto"              # auto | cpu | cuda
+    iterations: int = 3
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    questioner: QuestionerConfig = field(default_factory=QuestionerConfig)
+    reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _coerce(value, kind, key):
+    """Check `value` against the annotation `kind`; return it converted (int -> float where allowed)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data, prefix):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; accepted keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, prefix + name)
+    return cls(**kwargs)
+
+
+def _check(cfg):
+    """Value checks that types cannot express."""
+    def need(ok, key, what):
+        if not ok:
+            raise ConfigError(f"{key}: {what}")
+
+    need(cfg.iterations >= 1, "iterations", "must be >= 1")
+    need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    need(0 < cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels",
+         "must be positive and <= model.max_pixels")
+    for role in ("questioner", "reasoner"):
+        s = getattr(cfg, role)
+        for name in ("steps", "prompts_per_step", "updates_per_step", "micro_batch_size", "rollout_batch_size",
+                     "max_new_tokens", "logprob_chunk"):
+            need(getattr(s, name) >= 1, f"{role}.{name}", "must be >= 1")
+        need(s.group_size >= 2, f"{role}.group_size", "must be >= 2 (advantages are normalised within a group)")
+        need(s.prompts_per_step % s.updates_per_step == 0, f"{role}.updates_per_step",
+             f"must divide {role}.prompts_per_step ({s.prompts_per_step})")
+        need(s.temperature > 0, f"{role}.temperature", "must be > 0 for GRPO rollouts")
+        need(0 < s.top_p <= 1, f"{role}.top_p", "must be in (0, 1]")
+        need(s.top_k >= 0, f"{role}.top_k", "must be >= 0 (0 turns it off)")
+        need(s.eps_low >= 0 and s.eps_high >= 0, f"{role}.eps_low", "clip ranges must be >= 0")
+        need(s.dual_clip == 0 or s.dual_clip > 1, f"{role}.dual_clip", "must be 0 (off) or > 1")
+        need(s.kl_coef >= 0 and s.lr >= 0 and s.grad_clip > 0, f"{role}.kl_coef",
+             "kl_coef and lr must be >= 0, grad_clip > 0")
+        need(s.loss_agg in ("token-mean", "seq-mean-token-mean"), f"{role}.loss_agg",
+             "must be token-mean or seq-mean-token-mean")
+        need(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), f"{role}.betas", "must be two numbers in [0, 1)")
+    q = cfg.questioner
+    need(q.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
+    need(q.answer_temperature > 0 and 0 < q.answer_top_p <= 1, "questioner.answer_temperature",
+         "answer sampling needs temperature > 0 and top_p in (0, 1]")
+    need(0 < q.diversity_threshold <= 1, "questioner.diversity_threshold", "must be in (0, 1]")
+    lab, gen = cfg.labeling, cfg.generation
+    need(0 <= lab.p_low <= lab.p_high <= 1, "labeling.p_low", "need 0 <= p_low <= p_high <= 1")
+    need(lab.answers_per_question >= 1 and gen.questions_per_image >= 1, "labeling.answers_per_question",
+         "answers_per_question and generation.questions_per_image must be >= 1")
+    need(lab.temperature > 0 and gen.temperature > 0, "labeling.temperature", "sampling temperatures must be > 0")
+    need(0 < lab.top_p <= 1 and 0 < gen.top_p <= 1, "labeling.top_p", "top_p must be in (0, 1]")
+    need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images", "must be >= 1 or null")
+    return cfg
+
+
+def parse_override(text):
+    """'questioner.lr=1e-5' -> (['questioner', 'lr'], 1e-5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. questioner.lr=1e-5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path=None, overrides=()):
+    """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    data = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} not found") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[keys[-1]] = value
+    return _check(_build(Config, data, ""))
+
+
+def config_to_dict(cfg):
+    """The resolved config as plain data (what the run directory's config.yaml holds)."""
+    return dataclasses.asdict(cfg)

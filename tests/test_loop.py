@@ -1,0 +1,111 @@
+"""End to end: `visplay.py` runs every stage, writes every artifact, and a rerun resumes."""
+
+import json
+import os
+
+import pytest
+
+import visplay
+from config import ConfigError, load_config
+
+ARTIFACTS = ["config.yaml", "eval_v0.json", "eval_v0_items.jsonl", "questioner_v1", "questions_v1.jsonl",
+             "labeled_v1.jsonl", "kept_v1.jsonl", "solver_v1", "eval_v1.json", "eval_v1_items.jsonl",
+             "metrics.jsonl", "summary.jsonl"]
+
+
+def tiny_overrides(run_dir, model_dir, image_dir, benchmark_file):
+    """Every stage at the smallest size that still exercises it."""
+    return [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.images={image_dir}",
+            f"eval.benchmarks={{tiny: {benchmark_file}}}", "iterations=1", "model.min_pixels=784",
+            "model.max_pixels=12544", "eval.max_new_tokens=12", "eval.samples=2",
+            "questioner.steps=2", "questioner.prompts_per_step=2", "questioner.group_size=4",
+            "questioner.updates_per_step=2", "questioner.micro_batch_size=3", "questioner.max_new_tokens=12",
+            "questioner.answer_samples=3", "questioner.answer_max_new_tokens=12", "questioner.lr=1e-4",
+            "generation.questions_per_image=2", "generation.max_new_tokens=12", "generation.batch_size=5",
+            "labeling.answers_per_question=3", "labeling.max_new_tokens=12", "labeling.p_low=0.0",
+            "labeling.p_high=1.0", "labeling.batch_size=7",
+            "reasoner.steps=2", "reasoner.prompts_per_step=2", "reasoner.group_size=3",
+            "reasoner.updates_per_step=1", "reasoner.micro_batch_size=4", "reasoner.max_new_tokens=12"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, format_model_dir, image_dir, benchmark_file):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    overrides = tiny_overrides(run_dir, format_model_dir, image_dir, benchmark_file)
+    summaries = visplay.run_loop(load_config("config.yaml", overrides))
+    return run_dir, overrides, summaries
+
+
+def test_run_writes_every_artifact(finished_run):
+    run_dir, _, summaries = finished_run
+    for name in ARTIFACTS:
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    for checkpoint in ("questioner_v1", "solver_v1"):
+        files = os.listdir(os.path.join(run_dir, checkpoint))
+        assert "config.json" in files and "model.safetensors" in files and "tokenizer.json" in files
+    # 12 pool images x 2 questions each; every labeled row comes from a valid question
+    questions = [json.loads(line) for line in open(os.path.join(run_dir, "questions_v1.jsonl"))]
+    assert len(questions) == 24 and {q["image_index"] for q in questions} == set(range(12))
+    labeled = [json.loads(line) for line in open(os.path.join(run_dir, "labeled_v1.jsonl"))]
+    assert len(labeled) == sum(q["valid"] for q in questions) > 0
+    assert all(len(r["answers"]) == 3 for r in labeled)
+    kept = [json.loads(line) for line in open(os.path.join(run_dir, "kept_v1.jsonl"))]
+    assert kept == [r for r in labeled if r["silver_answer"] is not None]  # band [0, 1] keeps all voted ones
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [(m["stage"], m["step"]) for m in metrics] == [("questioner", 0), ("questioner", 1),
+                                                        ("reasoner", 0), ("reasoner", 1)]
+    for m in metrics:
+        for key in ("reward_mean", "reward_std", "advantage_std", "clip_frac_high", "clip_frac_low", "kl",
+                    "entropy", "response_length_mean", "grad_norm", "seconds_sampling", "seconds_scoring",
+                    "seconds_training"):
+            assert key in m, key
+    assert [s["iteration"] for s in summaries] == [0, 1]
+    assert summaries[1]["kept"] == len(kept) and summaries[1]["generated"] == 24
+    assert 0 <= summaries[1]["eval"]["tiny"]["accuracy"] <= 1
+
+
+def test_rerun_resumes_instead_of_starting_over(finished_run, caplog):
+    run_dir, overrides, summaries = finished_run
+    stamps = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in ARTIFACTS[:-2]}
+    caplog.set_level("INFO", logger="visplay")
+    again = visplay.run_loop(load_config("config.yaml", overrides))
+    assert again == summaries
+    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in stamps if name != "config.yaml"} == \
+        {name: t for name, t in stamps.items() if name != "config.yaml"}
+    assert sum("stage skipped" in r.message for r in caplog.records) == 5
+
+
+def test_rerun_redoes_only_missing_stages(finished_run, caplog):
+    run_dir, overrides, _ = finished_run
+    import shutil
+    shutil.rmtree(os.path.join(run_dir, "solver_v1"))
+    os.remove(os.path.join(run_dir, "eval_v1.json"))
+    questions_stamp = os.path.getmtime(os.path.join(run_dir, "questions_v1.jsonl"))
+    caplog.set_level("INFO", logger="visplay")
+    visplay.run_loop(load_config("config.yaml", overrides))
+    assert os.path.exists(os.path.join(run_dir, "solver_v1"))
+    assert os.path.getmtime(os.path.join(run_dir, "questions_v1.jsonl")) == questions_stamp
+    assert sum("stage skipped" in r.message for r in caplog.records) == 3
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    # the reasoner stage ran again: its rows were replaced, not appended twice
+    assert [(m["stage"], m["step"]) for m in metrics].count(("reasoner", 0)) == 1
+
+
+def test_rerun_with_another_config_is_refused(finished_run):
+    run_dir, overrides, _ = finished_run
+    with pytest.raises(ConfigError, match="different 'questioner' setting"):
+        visplay.run_loop(load_config("config.yaml", overrides + ["questioner.lr=0.5"]))
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, image_dir):
+    cfg = load_config("config.yaml", [f"run_dir={tmp_path}", f"model.path={tmp_path / 'nope'}",
+                                      f"data.images={image_dir}"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        visplay.run_loop(cfg)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("questioner:\n  stepz: 3\n")
+    with pytest.raises(SystemExit, match="questioner.stepz"):
+        visplay.main(["--config", str(bad)])

@@ -1,0 +1,330 @@
+"""The embedded default's world: shape scenes, questions with exact answers, and a tiny base VLM.
+
+No pretrained VLM can be downloaded here, so the project brings its own small world:
+- Scenes: coloured shapes on a grid, one shape per cell, drawn by `data.render_shapes` with 28-pixel
+  cells, so each cell is exactly one merged vision token of Qwen2.5-VL (patch 14, merge 2).
+- Question families with answers computed from the scene: counting (by colour, shape, both, total),
+  existence (absent objects included: the hallucination probe), the attribute at a position,
+  spatial relations and comparisons, as multiple choice (yes/no, A-D) and numerical questions.
+- Splits from disjoint seeds: pretraining scenes (few objects), the unlabeled pool that self-play
+  sees (more objects: the new domain), and a labeled held-out benchmark of the new domain.
+- The base: a tiny Qwen2.5-VL with its own tokenizer, "pretrained" by a short supervised run on
+  both roles' formats (answers with a short chain and \\boxed{}; questions in tags) so it behaves
+  like a weak instruction-tuned VLM.
+
+Labels exist ONLY for pretraining and for the benchmark: the self-play loop reads the pool's image
+folder and never a label file (none is written for the pool).
+"""
+
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data import COLORS, SHAPES, render_shapes, write_jsonl
+from roles import QUESTIONER_INSTRUCTION, reasoner_text
+
+log = logging.getLogger("visplay")
+
+FAMILIES = ("count_color", "count_shape", "count_both", "count_total", "exists", "attribute", "spatial",
+            "compare")
+COLOR_NAMES = tuple(COLORS)
+LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    color: str
+    row: int                      # 0-based grid cell
+    col: int
+
+    @property
+    def name(self):
+        return f"{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    rows: int
+    cols: int
+    things: list
+
+    def render(self):
+        return render_shapes([(t.shape, t.color, t.row, t.col, 0.8) for t in self.things], self.rows, self.cols)
+
+
+def random_scene(rng, rows, cols, min_things, max_things):
+    """A scene with a uniform number of things in [min_things, max_things] on distinct cells."""
+    count = rng.randint(min_things, max_things)
+    cells = rng.sample([(r, c) for r in range(rows) for c in range(cols)], count)
+    return Scene(rows, cols, [Thing(rng.choice(SHAPES), rng.choice(COLOR_NAMES), r, c) for r, c in sorted(cells)])
+
+
+@dataclass
+class Question:
+    family: str
+    type: str                     # the questioner's type tag: multiple choice | numerical
+    question: str
+    answer: str
+    choices: list | None
+    solution: str                 # the reasoner's target: a short chain, then \boxed{answer}
+
+
+def _listing(things):
+    return ", ".join(t.name for t in things) if things else "none"
+
+
+def _count(family, scene, rng):
+    color, shape = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
+    if family == "count_color":
+        match, what = [t for t in scene.things if t.color == color], f"{color} objects"
+    elif family == "count_shape":
+        match, what = [t for t in scene.things if t.shape == shape], f"{shape}s"
+    elif family == "count_both":
+        match, what = [t for t in scene.things if t.color == color and t.shape == shape], f"{color} {shape}s"
+    else:
+        match, what = scene.things, "objects"
+    n = str(len(match))
+    return Question(family, "numerical", f"How many {what} are there?", n, None,
+                    f"Found: {_listing(match)}. \\boxed{{{n}}}")
+
+
+def _exists(scene, rng):
+    present = {t.name for t in scene.things}
+    if rng.random() < 0.5:
+        name = rng.choice(sorted(present))
+    else:
+        absent = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES if f"{c} {s}" not in present]
+        name = rng.choice(absent)
+    found = [t for t in scene.things if t.name == name]
+    answer = "yes" if found else "no"
+    return Question("exists", "multiple choice", f"Is there a {name}?", answer, None,
+                    f"Found: {_listing(found)}. \\boxed{{{answer}}}")
+
+
+def _attribute(scene, rng):
+    thing = rng.choice(scene.things)
+    options = list(COLOR_NAMES)
+    letter = LETTERS[options.index(thing.color)]
+    listed = " ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options))
+    where = f"row {thing.row + 1}, column {thing.col + 1}"
+    return Question("attribute", "multiple choice", f"What color is the shape in {where}? {listed}", letter,
+                    options, f"At {where}: {thing.name}. \\boxed{{{letter}}}")
+
+
+def _spatial(scene, rng):
+    names = [t.name for t in scene.things]
+    unique = [t for t in scene.things if names.count(t.name) == 1]
+    if len(unique) < 2:
+        return None
+    a, b = rng.sample(unique, 2)
+    if rng.random() < 0.5:
+        relation, holds, detail = "left of", a.col < b.col, f"column {a.col + 1}, {b.name} in column {b.col + 1}"
+    else:
+        relation, holds, detail = "above", a.row < b.row, f"row {a.row + 1}, {b.name} in row {b.row + 1}"
+    answer = "yes" if holds else "no"
+    return Question("spatial", "multiple choice", f"Is the {a.name} {relation} the {b.name}?", answer, None,
+                    f"{a.name} in {detail}. \\boxed{{{answer}}}")
+
+
+def _compare(scene, rng):
+    first, second = rng.sample(COLOR_NAMES, 2)
+    n1 = sum(t.color == first for t in scene.things)
+    n2 = sum(t.color == second for t in scene.things)
+    answer = "yes" if n1 > n2 else "no"
+    return Question("compare", "multiple choice", f"Are there more {first} objects than {second} objects?",
+                    answer, None, f"{first}: {n1}, {second}: {n2}. \\boxed{{{answer}}}")
+
+
+def make_question(family, scene, rng):
+    """A question of `family` about `scene`, or None when the scene cannot support it."""
+    if family.startswith("count"):
+        return _count(family, scene, rng)
+    return {"exists": _exists, "attribute": _attribute, "spatial": _spatial, "compare": _compare}[family](scene, rng)
+
+
+def questioner_target(q):
+    """What the questioner writes for question q (its pretraining target)."""
+    return f"<type>{q.type}</type><question>{q.question}</question><answer>{q.answer}</answer>"
+
+
+@dataclass
+class WorldConfig:
+    rows: int = 4
+    cols: int = 4
+    pretrain_things: tuple = (1, 4)     # base domain: few objects
+    shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: more objects
+    pool_images: int = 512
+    benchmark_items: int = 1024
+
+
+def scenes(seed, count, rows, cols, things):
+    """`count` scenes from one seed: each split has its own seed, so the splits never share a scene stream."""
+    rng = random.Random(seed)
+    return [random_scene(rng, rows, cols, *things) for _ in range(count)]
+
+
+def balanced_questions(scene_list, seed, per_scene=1):
+    """Questions cycling through FAMILIES so the families are balanced; scenes that cannot host a family
+    (e.g. no two unique objects for spatial) are retried with the next scene."""
+    rng = random.Random(seed)
+    out, family_index = [], 0
+    for scene in scene_list:
+        for _ in range(per_scene):
+            q = None
+            for attempt in range(len(FAMILIES)):
+                q = make_question(FAMILIES[(family_index + attempt) % len(FAMILIES)], scene, rng)
+                if q is not None:
+                    break
+            family_index += 1
+            out.append((scene, q))
+    return out
+
+
+def write_benchmark(folder, world, seed):
+    """Labeled held-out benchmark of the shifted domain: images + benchmark.jsonl. Returns the path."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    items = balanced_questions(scenes(seed + 2, world.benchmark_items, world.rows, world.cols,
+                                      world.shifted_things), seed + 3)
+    rows = []
+    for i, (scene, q) in enumerate(items):
+        name = f"images/{i:05d}.png"
+        scene.render().save(os.path.join(folder, name))
+        rows.append({"id": f"toy-{i:05d}", "image": name, "question": q.question, "answer": q.answer,
+                     "choices": q.choices, "category": q.family})
+    path = os.path.join(folder, "benchmark.jsonl")
+    write_jsonl(path, rows)
+    return path
+
+
+def write_pool(folder, world, seed):
+    """The unlabeled pool: PNG files only (no labels are written anywhere)."""
+    os.makedirs(folder, exist_ok=True)
+    for i, scene in enumerate(scenes(seed + 1, world.pool_images, world.rows, world.cols, world.shifted_things)):
+        scene.render().save(os.path.join(folder, f"{i:05d}.png"))
+    return folder
+
+
+def corpus(seed, count=4000):
+    """Texts the tiny tokenizer is trained on: both roles' prompts and targets of the world."""
+    world = WorldConfig()
+    texts = [QUESTIONER_INSTRUCTION] * (count // 8)  # frequent enough to become a few tokens
+    for scene, q in balanced_questions(scenes(seed + 7, count, world.rows, world.cols, (1, 8)), seed + 8):
+        texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
+    return texts
+
+
+@dataclass
+class BaseConfig:
+    """How the tiny base is built and pretrained (supervised, on the base domain only)."""
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vocab_size: int = 640
+    scenes: int = 3000
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+
+
+def _encode_target(processor, text):
+    tokenizer = processor.tokenizer
+    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def pretraining_examples(processor, world, base, seed):
+    """(prompt, target ids) pairs of both roles on base-domain scenes (few objects)."""
+    from roles import questioner_prompt, reasoner_prompt
+
+    examples = []
+    for scene, q in balanced_questions(scenes(seed + 4, base.scenes, world.rows, world.cols, world.pretrain_things),
+                                       seed + 5):
+        image = scene.render()
+        examples.append((reasoner_prompt(processor, image, q.question), _encode_target(processor, q.solution)))
+        examples.append((questioner_prompt(processor, image), _encode_target(processor, questioner_target(q))))
+    return examples
+
+
+def pretrain(model, processor, examples, base, seed):
+    """Supervised next-token training on the targets (cross-entropy = -log-prob of each target token).
+
+    Uses `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
+    """
+    from grpo import completion_logprobs, special_tokens
+
+    tokens = special_tokens(processor, model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=base.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, base.lr, total_steps=base.steps, pct_start=0.1)
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    for step in range(base.steps):
+        batch = rng.sample(examples, base.batch_size)
+        width = max(len(t) for _, t in batch)
+        ids = torch.full((len(batch), width), tokens.pad_id)
+        mask = torch.zeros((len(batch), width))
+        for row, (_, target) in enumerate(batch):
+            ids[row, :len(target)] = torch.tensor(target)
+            mask[row, :len(target)] = 1
+        logprobs, _ = completion_logprobs(model, [p for p, _ in batch], ids, mask, tokens)
+        loss = -(logprobs * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == base.steps - 1:
+            log.info("[pretrain %d/%d] loss %.3f", step + 1, base.steps, loss.item())
+    model.eval()
+    return losses
+
+
+def build_base(path, seed, world=None, base=None):
+    """Build the tiny base (tokenizer, processor, model), pretrain it and save it atomically to `path`."""
+    from vlm import build_tiny_vlm, save_vlm
+
+    world, base = world or WorldConfig(), base or BaseConfig()
+    started = time.perf_counter()
+    scratch = path.rstrip("/") + ".init"
+    model, processor = build_tiny_vlm(
+        scratch, corpus(seed), seed=seed, vocab_size=base.vocab_size, min_pixels=28 * 28,
+        max_pixels=world.rows * world.cols * 28 * 28, hidden_size=base.hidden_size, layers=base.layers,
+        heads=base.heads, kv_heads=base.kv_heads, vision_hidden=base.vision_hidden, vision_depth=base.vision_depth)
+    shutil.rmtree(scratch, ignore_errors=True)
+    examples = pretraining_examples(processor, world, base, seed)
+    torch.manual_seed(seed)
+    pretrain(model, processor, examples, base, seed)
+    save_vlm(model, processor, path)
+    log.info("base built and pretrained in %.0f s -> %s", time.perf_counter() - started, path)
+
+
+def build_embedded(folder, seed):
+    """The embedded default's files, built once per folder (each piece atomically, so a rerun reuses it).
+
+    Returns {"base": model folder, "pool": unlabeled image folder, "benchmark": labeled JSONL}.
+    """
+    world = WorldConfig()
+    os.makedirs(folder, exist_ok=True)
+    paths = {"base": os.path.join(folder, "base"), "pool": os.path.join(folder, "pool"),
+             "benchmark": os.path.join(folder, "benchmark", "benchmark.jsonl")}
+    if not os.path.isdir(paths["pool"]):
+        shutil.rmtree(paths["pool"] + ".tmp", ignore_errors=True)
+        write_pool(paths["pool"] + ".tmp", world, seed)
+        os.replace(paths["pool"] + ".tmp", paths["pool"])
+    if not os.path.isdir(os.path.dirname(paths["benchmark"])):
+        tmp = os.path.dirname(paths["benchmark"]) + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_benchmark(tmp, world, seed)
+        os.replace(tmp, os.path.dirname(paths["benchmark"]))
+    if not os.path.isdir(paths["base"]):
+        build_base(paths["base"], seed, world)
+    return paths
