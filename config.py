@@ -21,6 +21,8 @@ class ModelConfig:
     min_pixels: int = 512 * 512       # images are resized to a multiple of 28 with this many pixels at least
     max_pixels: int = 2048 * 2048     # ... and at most
     freeze_vision: bool = False       # keep the vision tower fixed during both GRPO stages
+    cpu_offload: bool = False         # torchrun: sharded weights, gradients, optimizer state in CPU memory
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Config:
     run_dir: str = "runs/default"
     device: str = "auto"              # auto | cpu | cuda
     iterations: int = 3
+    save_every: int = 5               # GRPO steps between resumable checkpoints; 0: none
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     questioner: QuestionerConfig = field(default_factory=QuestionerConfig)
@@ -177,6 +180,7 @@ def _check(cfg):
             raise ConfigError(f"{key}: {what}")
 
     need(cfg.iterations >= 1, "iterations", "must be >= 1")
+    need(cfg.save_every >= 0, "save_every", "must be >= 0 (0: no checkpoints inside a stage)")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     need(0 < cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels",

@@ -19,21 +19,25 @@ out of its distribution both when sampling and when scoring, so the two agree.
 
 import math
 import time
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+import distributed
 from vlm import VISION_TOKENS
 
 
 @dataclass
 class Prompt:
-    """One (image, prompt text) encoded for the model."""
+    """One prompt (its image or images and text) encoded for the model."""
     input_ids: torch.Tensor       # [P] chat-formatted prompt, image placeholders already expanded
     pixel_values: torch.Tensor    # [patches, channels * temporal_patch * patch * patch]
-    image_grid_thw: torch.Tensor  # [1, 3] patch grid (t, h, w) of the image
+    image_grid_thw: torch.Tensor  # [images, 3] patch grid (t, h, w) of each image, in prompt order
 
 
 @dataclass
@@ -82,7 +86,7 @@ def collate(model, prompts, tokens, completion_ids=None, completion_mask=None):
 
     Returns model inputs: input_ids / attention_mask [n, P + T], position_ids [3, n, P + T] (Qwen's
     multimodal rope: image tokens get (t, h, w) positions, text continues after the largest),
-    pixel_values [sum of patches, D], image_grid_thw [n, 3].
+    pixel_values [sum of patches, D], image_grid_thw [total images, 3].
     """
     device = _device(model)
     width = max(len(p.input_ids) for p in prompts)
@@ -221,6 +225,27 @@ def _token_logprobs(hidden, lm_head_weight, targets, temperature, banned_ids, wi
     return logprobs, entropy.detach()
 
 
+def _completion_forward(model, batch, targets, temperature, banned_ids, chunk_size, with_entropy):
+    """Hidden states of the whole batch, then the vocabulary projection of the completion positions
+    only, `chunk_size` positions at a time (recomputed in backward under autograd)."""
+    hidden = model.model(**batch, use_cache=False).last_hidden_state
+    width = targets.shape[1]
+    start = hidden.shape[1] - width
+    hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token predicts it
+    weight = model.lm_head.weight
+    logprobs, entropies = [], []
+    for s in range(0, width, chunk_size):
+        args = (hidden[:, s:s + chunk_size], weight, targets[:, s:s + chunk_size], temperature, banned_ids,
+                with_entropy)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_token_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _token_logprobs(*args)
+        logprobs.append(lp)
+        entropies.append(ent)
+    return torch.cat(logprobs, dim=1), (torch.cat(entropies, dim=1) if with_entropy else None)
+
+
 def completion_logprobs(model, prompts, completion_ids, completion_mask, tokens, temperature=1.0,
                         chunk_size=256, with_entropy=False):
     """Per-token log-probs of completions under `model`, as in training (one forward, full sequence).
@@ -231,23 +256,10 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tokens,
     in backward, so [n, P + T, vocab] (or even [n, T, vocab]) logits never exist at once.
     """
     batch = collate(model, prompts, tokens, completion_ids, completion_mask)
-    hidden = model.model(**batch, use_cache=False).last_hidden_state
-    width = completion_ids.shape[1]
-    start = hidden.shape[1] - width
-    hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token predicts it
-    targets = completion_ids.to(hidden.device)
-    weight = model.lm_head.weight
-    logprobs, entropies = [], []
-    for s in range(0, width, chunk_size):
-        args = (hidden[:, s:s + chunk_size], weight, targets[:, s:s + chunk_size], temperature, tokens.banned_ids,
-                with_entropy)
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_token_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _token_logprobs(*args)
-        logprobs.append(lp)
-        entropies.append(ent)
-    return torch.cat(logprobs, dim=1), (torch.cat(entropies, dim=1) if with_entropy else None)
+    targets = completion_ids.to(batch["input_ids"].device)
+    # Under FSDP this must run as a forward of the root (see `shard_model`), which registers it as one.
+    forward = getattr(model, "completion_forward", None) or types.MethodType(_completion_forward, model)
+    return forward(batch, targets, temperature, tokens.banned_ids, chunk_size, with_entropy)
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -337,8 +349,10 @@ def score_rollout(policy, reference, prompts, rollout, advantages, tokens, cfg):
                                            cfg.logprob_chunk)[0])
     old = torch.cat(old)
     mask = rollout.completion_mask.to(old.device)
-    stats = {"entropy": (torch.cat(entropy) * mask).sum().item() / mask.sum().item(),
-             "logprob_mismatch": ((old - rollout.logprobs.to(old.device)).abs() * mask).max().item()}
+    entropy_sum = distributed.all_reduce_sum((torch.cat(entropy) * mask).sum().item())
+    mismatch = ((old - rollout.logprobs.to(old.device)).abs() * mask).max().item()
+    stats = {"entropy": entropy_sum / distributed.all_reduce_sum(mask.sum().item()),
+             "logprob_mismatch": max(distributed.all_gather_list([mismatch]))}
     return Experience(prompts, rollout, advantages.to(old.device), old, torch.cat(ref) if ref else None), stats
 
 
@@ -348,14 +362,35 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
+def clip_grad_norm(params, max_norm):
+    """Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before scaling.
+
+    Written out because the norm must cover every rank's shard under FSDP: the squares of the local
+    shards are summed over ranks. A non-finite norm is returned as is and nothing is scaled (the
+    caller skips that step).
+    """
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    squares = sum(g.detach().float().pow(2).sum().item() for g in grads)
+    norm = math.sqrt(distributed.all_reduce_sum(squares))
+    if math.isfinite(norm) and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
 def grpo_update(policy, optimizer, exp, tokens, cfg):
     """`cfg.updates_per_step` optimizer updates over one scored rollout batch (one pass, in order).
 
     Per mini-batch: zero grads; for each micro-batch, loss = aggregate(policy_loss + kl_coef * k3)
     normalised by the mini-batch totals, backward; clip the grad norm to cfg.grad_clip; step only
     if the norm is finite. Returns a dict of metrics averaged over tokens / updates.
+    Data parallel: each rank holds its share of every mini-batch; the totals that normalise the loss
+    are summed over ranks and FSDP sums the gradients (`shard_model`), so the update is exactly that
+    of the whole mini-batch on one process.
     """
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # The optimizer's parameters: under FSDP `policy.parameters()` may yield the root's gathered
+    # copies (the root stays unsharded after a forward), which never receive the sharded gradients.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     rows = exp.rollout.prompt_index.shape[0]
     per_update = rows // cfg.updates_per_step
     sums = {"loss": 0.0, "kl": 0.0, "clip_high": 0.0, "clip_low": 0.0, "dual_clip": 0.0}
@@ -363,8 +398,8 @@ def grpo_update(policy, optimizer, exp, tokens, cfg):
     policy.train()
     for u in range(cfg.updates_per_step):
         lo, hi = u * per_update, (u + 1) * per_update
-        mask_all = exp.rollout.completion_mask[lo:hi]
-        num_tokens, num_sequences = mask_all.sum().item(), hi - lo
+        num_tokens = distributed.all_reduce_sum(exp.rollout.completion_mask[lo:hi].sum().item())
+        num_sequences = distributed.all_reduce_sum(hi - lo)
         optimizer.zero_grad(set_to_none=True)
         for s in range(lo, hi, cfg.micro_batch_size):
             idx = slice(s, min(s + cfg.micro_batch_size, hi))
@@ -387,15 +422,17 @@ def grpo_update(policy, optimizer, exp, tokens, cfg):
                     sums["kl"] += (kl * mask).sum().item()
                 for name, where in clips.items():
                     sums[name] += (where * mask).sum().item()
-        total_tokens += num_tokens
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        grad_norms.append(norm.item())
-        if torch.isfinite(norm):
+        total_tokens += num_tokens  # already global
+        norm = clip_grad_norm(params, cfg.grad_clip)
+        grad_norms.append(norm)
+        if math.isfinite(norm):
             optimizer.step()
         else:
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
     policy.eval()
+    # Each rank's losses are its shares of the global mini-batch losses: sums over ranks are global.
+    sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
     tokens_seen = max(total_tokens, 1.0)
     finite = [g for g in grad_norms if math.isfinite(g)]
     return {"loss": sums["loss"] / cfg.updates_per_step, "kl": sums["kl"] / tokens_seen,
@@ -410,12 +447,79 @@ def train_step(policy, reference, optimizer, prompts, rollout, rewards, tokens, 
     rewards [N] (grouped as the rollout is). Returns metrics (reward, advantage, length, timing, loss).
     """
     started = time.perf_counter()
-    advantages = group_advantages(rewards.float(), cfg.group_size)
+    advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
     exp, stats = score_rollout(policy, reference, prompts, rollout, advantages, tokens, cfg)
     metrics = grpo_update(policy, optimizer, exp, tokens, cfg)
-    lengths = rollout.completion_mask.sum(-1).float()
     metrics.update(stats)
-    metrics.update({"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                    "advantage_std": advantages.std().item(), "response_length_mean": lengths.mean().item(),
-                    "response_length_max": lengths.max().item(), "seconds_training": time.perf_counter() - started})
+    every = {name: torch.tensor(distributed.all_gather_list(values.tolist())) for name, values in
+             (("reward", rewards.float()), ("advantage", advantages), ("length", rollout.completion_mask.sum(-1)))}
+    metrics.update({"reward_mean": every["reward"].mean().item(), "reward_std": every["reward"].std().item(),
+                    "advantage_std": every["advantage"].std().item(),
+                    "response_length_mean": every["length"].float().mean().item(),
+                    "response_length_max": every["length"].max().item(),
+                    "seconds_training": time.perf_counter() - started})
     return metrics
+
+
+# ----------------------------------------------------------------------------
+# FSDP2 by hand (torchrun with several processes)
+
+
+def shard_model(model, mixed_precision, cpu_offload=False, activation_checkpointing=False):
+    """Shard a model over the process group with FSDP2, torchtitan style.
+
+    `fully_shard` each vision block and each language decoder layer (a unit all-gathers its weights
+    just before its forward and frees them after), then the root, which keeps what is left: the
+    embeddings, the vision patch embedding and merger, the final norm and lm_head (tied or not).
+    - mixed_precision: compute in bf16, reduce gradients in fp32 (the sharded master weights stay fp32);
+    - cpu_offload: sharded parameters, gradients and optimizer state live in CPU memory;
+    - activation_checkpointing: every block recomputes its activations in backward.
+    Gradients are summed over ranks (divide factor 1): `grpo_update` normalises the loss by totals
+    summed over ranks. `completion_forward` is registered as a forward of the root so that the
+    chunked log-prob computation runs with the root's parameters gathered.
+    """
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if mixed_precision else MixedPrecisionPolicy(),
+                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        fully_shard(block, **policy)
+    fully_shard(model, **policy)
+    model.completion_forward = types.MethodType(_completion_forward, model)
+    register_fsdp_forward_method(model, "completion_forward")
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gathered(model):
+    """Whole (unsharded) weights on every rank for a rollout: one all-gather per unit up front,
+    none during the hundreds of small decode forwards, which also lets ranks decode different
+    numbers of steps. Resharded on exit. A no-op for an unsharded model."""
+    if not is_sharded(model):
+        yield model
+        return
+    units = [m for m in model.modules() if hasattr(m, "unshard")]
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root

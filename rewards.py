@@ -5,13 +5,16 @@ times. Everything here is a pure function of strings and numbers:
 
   answers:     extract_boxed, normalize_answer, answers_equivalent, majority_vote
                (the majority answer is the "silver answer", its share the "confidence")
+  benchmarks:  extract_answer, infer_answer_type, answer_correct, grade
+               (evaluation only: a lenient extraction when there is no box, and rules per answer type)
   Questioner:  uncertainty_reward      peaks when the Reasoner is split 50/50
                sentence_bleu, bleu_distance_matrix, average_linkage_clusters,
                diversity_penalty       penalises questions that look like the others
                questioner_reward       uncertainty - weight * penalty
   Reasoner:    has_boxed_format, reasoner_reward   0.9 * correct + 0.1 * boxed
 
-The same answer matching grades benchmarks, so a rule added here changes both.
+The same answer matching grades benchmarks, so a rule added here changes both. Training rewards
+and votes read only the last `\\boxed{}`; benchmark grading also accepts an unboxed answer.
 """
 
 import itertools
@@ -215,6 +218,107 @@ def majority_vote(answers: list[str | None], choices: list[str] | None = None) -
         return None, 0.0
     best = max(range(len(sizes)), key=lambda k: (sizes[k], -k))  # earliest cluster wins ties
     return representatives[best][0], sizes[best] / len(answers)
+
+
+# ----------------------------------------------------------------------------
+# Benchmark grading (evaluation only)
+
+ANSWER_TYPES = ("multiple_choice", "yes_no", "integer", "float", "percentage", "free_form")
+_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)  # "the answer is", "Answer:"
+_ENDING_LETTER = re.compile(r"(?:^|[\s:*])\(?([A-Z])\)?[.:*]*$")  # a line ending in "B", "(B).", "**B**"
+_LEADING_YES_NO = re.compile(r"[^\w]*(yes|no)\b")
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+
+
+def extract_answer(text: str | None, choices: list[str] | None = None) -> str | None:
+    """The answer a response gives, for grading a benchmark; None when there is nothing to read.
+
+    In order, the first rule that applies:
+    1. the last complete `\\boxed{...}` (what training rewards require);
+    2. the text after the last "answer is" / "answer:" (to the end of its line, cut at ". ");
+    3. with `choices`: an option letter that ends the last line ("... so (B).", "**B**");
+    4. the last non-empty line.
+    Rules 2-4 are for evaluation only: an unboxed response earns no reward in training.
+    """
+    if text is None:
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        phrases = list(_ANSWER_PHRASE.finditer(line))
+        if phrases and line[phrases[-1].end():].strip():
+            return re.split(r"\.\s", line[phrases[-1].end():])[0].strip(" *").rstrip(".")
+    if not lines:
+        return None
+    letter = _ENDING_LETTER.search(lines[-1])
+    if choices and letter and ord(letter.group(1)) - ord("A") < len(choices):
+        return letter.group(1)
+    return lines[-1]
+
+
+def infer_answer_type(reference: str, choices: list[str] | None = None) -> str:
+    """Answer type of a benchmark item whose file does not give one: one of ANSWER_TYPES.
+
+    choices -> "multiple_choice"; "yes" / "no" -> "yes_no"; a number (units, %, LaTeX allowed) ->
+    "integer" or "float" by value; anything else -> "free_form". "percentage" is never inferred: a
+    benchmark says so per item, because it makes "0.5" and "50%" the same answer.
+    """
+    if choices:
+        return "multiple_choice"
+    if reference.strip().lower().rstrip(".") in ("yes", "no"):
+        return "yes_no"
+    number = _canonical(reference, None).number
+    if number is not None:
+        return "integer" if number.denominator == 1 else "float"
+    return "free_form"
+
+
+def normalize_text(answer: str) -> str:
+    """Free-form normal form: `normalize_answer`, then punctuation deleted and the articles a / an / the
+    dropped, as SQuAD's answer normalisation does.
+
+    "The Eiffel Tower." -> "eiffel tower"; "U.S.A." -> "usa"; "red-car" -> "redcar".
+    """
+    s = re.sub(r"[^\w\s]", "", normalize_answer(answer))
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def answer_correct(answer: str | None, reference: str, choices: list[str] | None = None,
+                   answer_type: str | None = None) -> bool:
+    """Grade an extracted answer against a benchmark's reference by the rules of its answer type.
+
+    All types: `answers_equivalent` (case, punctuation, LaTeX, units, numbers by value, option text
+    or letter when `choices` are given). A reference "x<OR>y" accepts either (MM-Vet). By type:
+    - yes_no: a leading "yes" / "no" word is the answer ("Yes, it is." -> yes; "not yes" is not);
+    - integer: the answer must be an integer ("3.0" yes, "3.0001" no, though within 1e-4);
+    - percentage: a number written with % is also read as a fraction ("50%" == "0.5"; "50" != "0.5");
+    - free_form: also equal after `normalize_text` (articles and punctuation dropped).
+    `answer_type` None: inferred from the reference (`infer_answer_type`).
+    """
+    if answer is None or reference is None:
+        return False
+    answer_type = answer_type or infer_answer_type(reference, choices)
+    if answer_type == "yes_no" and (lead := _LEADING_YES_NO.match(answer.lower())):
+        answer = lead.group(1)
+    if answer_type == "integer":
+        number = _canonical(answer, None).number
+        if number is not None and number.denominator != 1:
+            return False
+    for option in reference.split("<OR>"):
+        if answers_equivalent(answer, option, choices, answer_type == "percentage"):
+            return True
+        if answer_type == "free_form" and normalize_text(answer) and normalize_text(answer) == normalize_text(option):
+            return True
+    return False
+
+
+def grade(response: str | None, reference: str, choices: list[str] | None = None,
+          answer_type: str | None = None) -> bool:
+    """True if a model's response answers a benchmark item correctly: `extract_answer`, then
+    `answer_correct`."""
+    return answer_correct(extract_answer(response, choices), reference, choices, answer_type)
 
 
 # ----------------------------------------------------------------------------

@@ -24,10 +24,16 @@ REASONER_INSTRUCTION = "Think step by step, then give the final answer in \\boxe
 
 
 def encode_prompt(processor, image, text):
-    """Chat-format (image, user text) with the processor's template and encode it as a `Prompt`."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=[image], text=[chat], return_tensors="pt")
+    """Chat-format (image(s), user text) with the processor's template and encode it as a `Prompt`.
+
+    `image` is one PIL image or a list of them; each becomes an image part of the message, in order,
+    before the text (the `Prompt` then has one `image_grid_thw` row per image).
+    """
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(images=images, text=[chat], return_tensors="pt")
     return Prompt(inputs["input_ids"][0], inputs["pixel_values"], inputs["image_grid_thw"])
 
 
@@ -42,7 +48,8 @@ def reasoner_text(question):
 
 
 def reasoner_prompt(processor, image, question):
-    """The reasoner's prompt for (image, question): scoring, labeling, training and evaluation alike."""
+    """The reasoner's prompt for (image or list of images, question): scoring, labeling, training and
+    evaluation alike."""
     return encode_prompt(processor, image, reasoner_text(question))
 
 

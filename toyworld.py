@@ -17,6 +17,7 @@ folder and never a label file (none is written for the pool).
 """
 
 import logging
+import re
 import os
 import random
 import shutil
@@ -33,6 +34,9 @@ log = logging.getLogger("visplay")
 FAMILIES = ("count_color", "count_shape", "count_both", "count_total", "exists", "attribute", "spatial",
             "compare")
 COLOR_NAMES = tuple(COLORS)
+# The image processor's normalisation mean (CLIP's) as a colour: empty cells normalise to ~0, so the
+# vision features carry the objects rather than a large constant from the background.
+BACKGROUND = (123, 117, 104)
 LETTERS = "ABCD"
 
 
@@ -55,7 +59,8 @@ class Scene:
     things: list
 
     def render(self):
-        return render_shapes([(t.shape, t.color, t.row, t.col, 0.8) for t in self.things], self.rows, self.cols)
+        return render_shapes([(t.shape, t.color, t.row, t.col, 0.8) for t in self.things], self.rows, self.cols,
+                             background=BACKGROUND)
 
 
 def random_scene(rng, rows, cols, min_things, max_things):
@@ -75,8 +80,10 @@ class Question:
     solution: str                 # the reasoner's target: a short chain, then \boxed{answer}
 
 
-def _listing(things):
-    return ", ".join(t.name for t in things) if things else "none"
+def _listing(things, rng):
+    """The things named in a random order: the chain enumerates them like a person would, in no set
+    order, so each next item is one of several equally right choices."""
+    return ", ".join(t.name for t in rng.sample(things, len(things))) if things else "none"
 
 
 def _count(family, scene, rng):
@@ -91,7 +98,7 @@ def _count(family, scene, rng):
         match, what = scene.things, "objects"
     n = str(len(match))
     return Question(family, "numerical", f"How many {what} are there?", n, None,
-                    f"Found: {_listing(match)}. \\boxed{{{n}}}")
+                    f"Found: {_listing(match, rng)}. \\boxed{{{n}}}")
 
 
 def _exists(scene, rng):
@@ -104,7 +111,7 @@ def _exists(scene, rng):
     found = [t for t in scene.things if t.name == name]
     answer = "yes" if found else "no"
     return Question("exists", "multiple choice", f"Is there a {name}?", answer, None,
-                    f"Found: {_listing(found)}. \\boxed{{{answer}}}")
+                    f"Found: {_listing(found, rng)}. \\boxed{{{answer}}}")
 
 
 def _attribute(scene, rng):
@@ -328,3 +335,45 @@ def build_embedded(folder, seed):
     if not os.path.isdir(paths["base"]):
         build_base(paths["base"], seed, world)
     return paths
+
+
+_QUESTION_PATTERNS = [
+    (re.compile(r"^How many (?:(?P<color>\w+) )?(?P<what>objects|circles|squares|triangles) are there\?$"), "count"),
+    (re.compile(r"^Is there a (?P<color>\w+) (?P<shape>\w+)\?$"), "exists"),
+    (re.compile(r"^What color is the shape in row (?P<row>\d+), column (?P<col>\d+)\?"), "attribute"),
+    (re.compile(r"^Is the (?P<c1>\w+) (?P<s1>\w+) (?P<rel>left of|above) the (?P<c2>\w+) (?P<s2>\w+)\?$"), "spatial"),
+    (re.compile(r"^Are there more (?P<c1>\w+) objects than (?P<c2>\w+) objects\?$"), "compare"),
+]
+
+
+def true_answer(scene, question):
+    """The exact answer to a question written in the world's templates, or None if it is not one
+    (or asks about something the scene does not determine). For analysis only: the loop never calls it."""
+    for pattern, kind in _QUESTION_PATTERNS:
+        m = pattern.match(question.strip())
+        if m is None:
+            continue
+        g = m.groupdict()
+        things = scene.things
+        if kind == "count":
+            shape = None if g["what"] == "objects" else g["what"][:-1]
+            if g["color"] not in (None, *COLOR_NAMES) or shape not in (None, *SHAPES):
+                return None
+            return str(sum((g["color"] is None or t.color == g["color"]) and (shape is None or t.shape == shape)
+                           for t in things))
+        if kind == "exists":
+            return "yes" if any(t.name == f"{g['color']} {g['shape']}" for t in things) else "no"
+        if kind == "attribute":
+            cell = [t for t in things if (t.row + 1, t.col + 1) == (int(g["row"]), int(g["col"]))]
+            return LETTERS[COLOR_NAMES.index(cell[0].color)] if cell else None
+        if kind == "spatial":
+            a = [t for t in things if t.name == f"{g['c1']} {g['s1']}"]
+            b = [t for t in things if t.name == f"{g['c2']} {g['s2']}"]
+            if len(a) != 1 or len(b) != 1:
+                return None
+            holds = a[0].col < b[0].col if g["rel"] == "left of" else a[0].row < b[0].row
+            return "yes" if holds else "no"
+        n1 = sum(t.color == g["c1"] for t in things)
+        n2 = sum(t.color == g["c2"] for t in things)
+        return "yes" if n1 > n2 else "no"
+    return None

@@ -3,6 +3,7 @@
     python visplay.py --config config.yaml                           # embedded default (CPU, offline)
     python visplay.py --config configs/qwen2.5-vl-3b.yaml \\
         --set model.path=/models/Qwen2.5-VL-3B-Instruct --set data.images=/data/images
+    torchrun --nproc_per_node 8 visplay.py --config configs/qwen2.5-vl-7b.yaml ...   # FSDP2
 
 Iteration i = 1..T, with Q_0 = S_0 = the base model (SPEC section 2):
   1. questioner stage  `train_questioner`: GRPO on Q_{i-1}; a question's reward is the frozen
@@ -14,7 +15,9 @@ Iteration i = 1..T, with Q_0 = S_0 = the base model (SPEC section 2):
   5. evaluation        `evaluate_solver`: greedy accuracy of S_i on the labeled benchmarks.
 
 Every stage writes its result atomically into the run directory; rerunning the same command skips
-the stages whose result exists (see README, "Run directory").
+the stages whose result exists and resumes an interrupted one (README, "Run directory").
+Under torchrun every rank samples and scores its share of each batch; what needs the whole batch
+(the diversity penalty, the loss normalisation, the metrics) is gathered.
 """
 
 import argparse
@@ -24,107 +27,54 @@ import os
 import shutil
 import sys
 import time
-import zlib
 
 import numpy as np
 import torch
-import yaml
 
-from config import ConfigError, config_to_dict, load_config
-from data import ImagePool, list_images, load_image, read_jsonl, write_json, write_jsonl
-from eval import evaluate, load_benchmark, summarize
-from grpo import Sampling, decode, make_optimizer, rollout, special_tokens, train_step
+import distributed
+from config import ConfigError, load_config
+from data import load_image, read_jsonl, write_json, write_jsonl
+from eval import evaluate, summarize
+from grpo import Sampling, decode, gathered, rollout, special_tokens
 from rewards import (bleu_distance_matrix, diversity_penalty, extract_boxed, majority_vote, questioner_reward,
                      reasoner_reward)
 from roles import parse_question, questioner_prompt, reasoner_prompt
-from vlm import atomic_replace_dir, check_model_dir, load_vlm, save_vlm
+from run import Run, Timer, seed_for
+from vlm import atomic_replace_dir
 
 log = logging.getLogger("visplay")
 
 
-def seed_for(seed, *parts):
-    """A seed for one random choice of the run, derived from the config's seed and where it is made."""
-    return zlib.crc32("/".join(map(str, (seed,) + parts)).encode())
-
-
-class Run:
-    """Where a run lives and what every stage needs: config, device, images, benchmarks, metrics file."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.dir = cfg.run_dir
-        os.makedirs(self.dir, exist_ok=True)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if cfg.device == "auto" else cfg.device))
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        self.base, images, benchmarks = self._sources()
-        check_model_dir(self.base)
-        paths = list_images(images)
-        if cfg.data.max_images is not None:
-            paths = paths[:cfg.data.max_images]
-        self.pool = ImagePool(paths, cfg.model.min_pixels, cfg.model.max_pixels)
-        self.benchmarks = {name: load_benchmark(path) for name, path in benchmarks.items()}
-        self.metrics_path = self.path("metrics.jsonl")
-
-    def _sources(self):
-        """(base model folder, image source, benchmarks): the config's, or the embedded toy world's."""
-        cfg = self.cfg
-        if cfg.model.path is not None:
-            if cfg.data.images is None:
-                raise ConfigError("data.images: a run on model.path needs a folder or manifest of images")
-            return cfg.model.path, cfg.data.images, cfg.eval.benchmarks
-        import toyworld
-        world = toyworld.build_embedded(self.path("embedded"), cfg.seed)
-        return world["base"], cfg.data.images or world["pool"], cfg.eval.benchmarks or {"toyworld": world["benchmark"]}
-
-    def path(self, *names):
-        return os.path.join(self.dir, *names)
-
-    def load(self, path, trainable):
-        model, processor = load_vlm(path, dtype=self.dtype, device=self.device,
-                                    attn_implementation=self.cfg.model.attn_implementation)
-        processor.image_processor.size = {"shortest_edge": self.cfg.model.min_pixels,
-                                          "longest_edge": self.cfg.model.max_pixels}
-        model.eval()
-        for name, param in model.named_parameters():
-            param.requires_grad_(trainable and not (self.cfg.model.freeze_vision and ".visual." in f".{name}"))
-        return model, processor
-
-    def generator(self, *parts):
-        return torch.Generator(self.device).manual_seed(seed_for(self.cfg.seed, *parts))
-
-    def restart_metrics(self, iteration, stage):
-        """Drop the metric rows a previous, interrupted attempt at this stage wrote."""
-        if os.path.exists(self.metrics_path):
-            rows = [r for r in read_jsonl(self.metrics_path)
-                    if not (r.get("iteration") == iteration and r.get("stage") == stage)]
-            write_jsonl(self.metrics_path, rows)
-
-    def log_metrics(self, row):
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def draw(rng, population, count):
+def draw(seed, population, count):
     """`count` indices of range(population): shuffled passes over the whole population, end to end."""
+    rng = np.random.default_rng(seed)
     passes = [rng.permutation(population) for _ in range(-(-count // population))]
     return np.concatenate(passes)[:count].tolist()
 
 
-def load_images(run, indices):
-    """Images of the pool at `indices`; unreadable ones are replaced by the next readable image."""
-    images, chosen = [], []
+def my_part(items, blocks=1):
+    """This rank's share of a batch (all of it in a single-process run).
+
+    The batch is cut into `blocks` consecutive blocks (a GRPO step's mini-batches, one per optimizer
+    update) and the rank takes its contiguous share of each, so every update sees the same global
+    mini-batch whatever the number of processes.
+    """
+    size = len(items) // blocks
+    return [items[b * size + i] for b in range(blocks) for i in distributed.my_share(size)]
+
+
+def load_pool_images(run, indices):
+    """Pool images at `indices`; an unreadable one is replaced by the next readable image."""
+    images = []
     for index in indices:
         for offset in range(len(run.pool)):
-            candidate = (index + offset) % len(run.pool)
-            image = run.pool.load(candidate)
+            image = run.pool.load((index + offset) % len(run.pool))
             if image is not None:
                 images.append(image)
-                chosen.append(candidate)
                 break
         else:
             raise RuntimeError(f"no readable image in the pool ({len(run.pool.bad)} unreadable)")
-    return images, chosen
+    return images
 
 
 def answer_votes(solver, processor, images, questions, choices, samples, sampling, batch_size, generator):
@@ -147,56 +97,53 @@ def answer_votes(solver, processor, images, questions, choices, samples, samplin
     return votes
 
 
-def _step_log(iteration, stage, step, steps, m):
-    log.info("[iter %d %s %d/%d] reward %.3f±%.3f  kl %.4f  entropy %.2f  len %.1f  grad %.3f  "
-             "time sample %.1fs score %.1fs train %.1fs", iteration, stage, step + 1, steps, m["reward_mean"],
-             m["reward_std"], m["kl"], m["entropy"], m["response_length_mean"], m["grad_norm"],
-             m["seconds_sampling"], m["seconds_scoring"], m["seconds_training"])
+def step_diversity_penalty(local_questions, threshold):
+    """Diversity penalty of this rank's questions, clustered with the questions of EVERY rank."""
+    everyone = distributed.all_gather_list(local_questions)
+    offset = sum(distributed.all_gather_list([len(local_questions)])[:distributed.rank()])
+    return diversity_penalty(everyone, threshold)[offset:offset + len(local_questions)]
 
 
 def train_questioner(run, iteration, questioner_path, solver_path, out_path):
     """Stage 1: GRPO on the questioner; reward = uncertainty of the frozen solver - diversity penalty."""
-    cfg, qcfg = run.cfg, run.cfg.questioner
-    run.restart_metrics(iteration, "questioner")
-    policy, processor = run.load(questioner_path, trainable=True)
-    reference = run.load(questioner_path, trainable=False)[0] if qcfg.kl_coef > 0 else None
+    qcfg = run.cfg.questioner
     solver = run.load(solver_path, trainable=False)[0]
-    tokens = special_tokens(processor, policy)
-    optimizer = make_optimizer(policy, qcfg)
     sampling = Sampling(qcfg.temperature, qcfg.top_p, qcfg.top_k, qcfg.max_new_tokens)
     answer_sampling = Sampling(qcfg.answer_temperature, qcfg.answer_top_p, 0, qcfg.answer_max_new_tokens)
-    rng = np.random.default_rng(seed_for(cfg.seed, iteration, "questioner-images"))
-    for step in range(qcfg.steps):
-        started = time.perf_counter()
-        images, _ = load_images(run, draw(rng, len(run.pool), qcfg.prompts_per_step))
+
+    def make_batch(policy, processor, tokens, step):
+        timer = Timer()
+        indices = my_part(draw(seed_for(run.cfg.seed, iteration, "questioner-images", step), len(run.pool),
+                               qcfg.prompts_per_step), qcfg.updates_per_step)
+        images = load_pool_images(run, indices)
         prompts = [questioner_prompt(processor, image) for image in images]
-        result = rollout(policy, prompts, qcfg.group_size, sampling, tokens, qcfg.rollout_batch_size,
-                         run.generator(iteration, "questioner", step))
+        with gathered(policy):
+            result = rollout(policy, prompts, qcfg.group_size, sampling, tokens, qcfg.rollout_batch_size,
+                             run.generator(iteration, "questioner", step))
         parsed = [parse_question(t) for t in decode(processor, result.completion_ids, result.completion_mask)]
-        sampled = time.perf_counter()
+        seconds_sampling = timer.lap()
 
         valid = [i for i, q in enumerate(parsed) if q is not None]
         prompt_of = result.prompt_index.tolist()
-        votes = answer_votes(solver, processor, [images[prompt_of[i]] for i in valid],
-                             [parsed[i].question for i in valid], [parsed[i].choices for i in valid],
-                             qcfg.answer_samples, answer_sampling,
-                             qcfg.rollout_batch_size, run.generator(iteration, "questioner-answers", step))
+        with gathered(solver):
+            votes = answer_votes(solver, processor, [images[prompt_of[i]] for i in valid],
+                                 [parsed[i].question for i in valid], [parsed[i].choices for i in valid],
+                                 qcfg.answer_samples, answer_sampling, qcfg.rollout_batch_size,
+                                 run.generator(iteration, "questioner-answers", step))
         confidence = dict(zip(valid, (p for _, p, _ in votes)))
-        penalty = diversity_penalty([q.question if q else "" for q in parsed], qcfg.diversity_threshold)
+        penalty = step_diversity_penalty([q.question if q else "" for q in parsed], qcfg.diversity_threshold)
         rewards = torch.tensor([questioner_reward(q is not None, confidence.get(i), float(penalty[i]),
                                                   qcfg.uncertainty_scale, qcfg.diversity_weight,
                                                   qcfg.invalid_reward) for i, q in enumerate(parsed)])
-        scored = time.perf_counter()
+        valid_count = distributed.all_reduce_sum(len(valid))
+        extra = {"invalid_rate": 1 - valid_count / distributed.all_reduce_sum(len(parsed)),
+                 "confidence_mean": distributed.all_reduce_sum(sum(confidence.values())) / max(valid_count, 1),
+                 "diversity_penalty_mean": distributed.all_reduce_sum(float(penalty.sum())) /
+                 distributed.all_reduce_sum(len(parsed)),
+                 "seconds_sampling": seconds_sampling, "seconds_scoring": timer.lap()}
+        return prompts, result, rewards, extra
 
-        metrics = train_step(policy, reference, optimizer, prompts, result, rewards, tokens, qcfg)
-        metrics.update(iteration=iteration, stage="questioner", step=step,
-                       invalid_rate=1 - len(valid) / len(parsed),
-                       confidence_mean=float(np.mean(list(confidence.values()))) if valid else None,
-                       diversity_penalty_mean=float(penalty.mean()),
-                       seconds_sampling=sampled - started, seconds_scoring=scored - sampled)
-        run.log_metrics(metrics)
-        _step_log(iteration, "questioner", step, qcfg.steps, metrics)
-    save_vlm(policy, processor, out_path)
+    run.train("questioner", iteration, questioner_path, out_path, make_batch)
 
 
 def generate_questions(run, iteration, questioner_path, out_path):
@@ -205,111 +152,120 @@ def generate_questions(run, iteration, questioner_path, out_path):
     model, processor = run.load(questioner_path, trainable=False)
     tokens = special_tokens(processor, model)
     sampling = Sampling(gcfg.temperature, gcfg.top_p, 0, gcfg.max_new_tokens)
-    rows = []
-    for start in range(0, len(run.pool), gcfg.batch_size):
-        indices = [i for i in range(start, min(start + gcfg.batch_size, len(run.pool)))
+
+    def work(chunk):
+        indices = [i for i in range(chunk * gcfg.batch_size, min((chunk + 1) * gcfg.batch_size, len(run.pool)))
                    if run.pool.load(i) is not None]
         if not indices:
-            continue
+            return []
         prompts = [questioner_prompt(processor, run.pool.load(i)) for i in indices]
         result = rollout(model, prompts, gcfg.questions_per_image, sampling, tokens, gcfg.batch_size,
-                         run.generator(iteration, "generate", start))
+                         run.generator(iteration, "generate", chunk))
+        rows = []
         for row, text in enumerate(decode(processor, result.completion_ids, result.completion_mask)):
             index = indices[result.prompt_index[row]]
             q = parse_question(text)
             rows.append({"image": run.pool.paths[index], "image_index": index, "raw": text, "valid": q is not None,
                          "type": q.type if q else None, "question": q.question if q else None,
                          "questioner_answer": q.answer if q else None, "choices": q.choices if q else None})
-    write_jsonl(out_path, rows)
-    log.info("[iter %d generate] %d questions for %d images (%d unreadable), %.1f%% invalid", iteration, len(rows),
-             len(run.pool) - len(run.pool.bad), len(run.pool.bad),
-             100 * sum(not r["valid"] for r in rows) / max(len(rows), 1))
+        return rows
+
+    with gathered(model):
+        rows = run.in_parts(out_path, -(-len(run.pool) // gcfg.batch_size), work)
+    if distributed.is_main():
+        write_jsonl(out_path, rows)
+        log.info("[iter %d generate] %d questions for %d images, %.1f%% invalid", iteration, len(rows),
+                 len(run.pool), 100 * sum(not r["valid"] for r in rows) / max(len(rows), 1))
+    run.done_parts(out_path)
 
 
 def label_questions(run, iteration, solver_path, questions_path, labeled_path, kept_path):
     """Stage 3: silver labels by majority vote of the frozen solver, then the informative filter."""
-    lcfg = run.cfg.labeling
+    lcfg, mcfg = run.cfg.labeling, run.cfg.model
     rows = [r for r in read_jsonl(questions_path) if r["valid"]]
     model, processor = run.load(solver_path, trainable=False)
     sampling = Sampling(lcfg.temperature, lcfg.top_p, 0, lcfg.max_new_tokens)
-    labeled = []
-    for start in range(0, len(rows), lcfg.batch_size):
-        batch = rows[start:start + lcfg.batch_size]
+
+    def work(chunk):
         images, ok = [], []
-        for r in batch:
+        for r in rows[chunk * lcfg.batch_size:(chunk + 1) * lcfg.batch_size]:
             try:
-                images.append(load_image(r["image"], run.cfg.model.min_pixels, run.cfg.model.max_pixels))
+                images.append(load_image(r["image"], mcfg.min_pixels, mcfg.max_pixels))
                 ok.append(r)
             except ValueError as error:
                 log.warning("labeling skipped a question: %s", error)
         votes = answer_votes(model, processor, images, [r["question"] for r in ok], [r["choices"] for r in ok],
                              lcfg.answers_per_question, sampling, lcfg.batch_size,
-                             run.generator(iteration, "label", start))
-        for r, (silver, confidence, answers) in zip(ok, votes):
-            labeled.append({**r, "answers": answers, "silver_answer": silver, "confidence": confidence})
-    kept = [r for r in labeled if r["silver_answer"] is not None and lcfg.p_low <= r["confidence"] <= lcfg.p_high]
-    write_jsonl(labeled_path, labeled)
-    write_jsonl(kept_path, kept)
-    log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f])", iteration, len(labeled), len(kept),
-             lcfg.p_low, lcfg.p_high)
+                             run.generator(iteration, "label", chunk))
+        return [{**r, "answers": answers, "silver_answer": silver, "confidence": confidence}
+                for r, (silver, confidence, answers) in zip(ok, votes)]
+
+    with gathered(model):
+        labeled = run.in_parts(labeled_path, -(-len(rows) // lcfg.batch_size), work)
+    if distributed.is_main():
+        kept = [r for r in labeled if r["silver_answer"] is not None and lcfg.p_low <= r["confidence"] <= lcfg.p_high]
+        write_jsonl(labeled_path, labeled)
+        write_jsonl(kept_path, kept)  # last: its existence marks the stage done
+        log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f])", iteration, len(labeled), len(kept),
+                 lcfg.p_low, lcfg.p_high)
+    run.done_parts(labeled_path)
 
 
 def train_reasoner(run, iteration, solver_path, kept_path, out_path):
     """Stage 4: GRPO on the solver over the kept questions, reward 0.9 * matches silver + 0.1 * boxed."""
-    cfg, rcfg = run.cfg, run.cfg.reasoner
+    rcfg, mcfg = run.cfg.reasoner, run.cfg.model
     kept = read_jsonl(kept_path)
     if not kept:
         log.warning("[iter %d reasoner] no question passed the informative filter: S_%d = S_%d unchanged",
                     iteration, iteration, iteration - 1)
-        tmp = out_path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(solver_path, tmp)
-        atomic_replace_dir(tmp, out_path)
+        if distributed.is_main():
+            shutil.rmtree(out_path + ".tmp", ignore_errors=True)
+            shutil.copytree(solver_path, out_path + ".tmp")
+            atomic_replace_dir(out_path + ".tmp", out_path)
+        distributed.barrier()
         return
-    run.restart_metrics(iteration, "reasoner")
-    policy, processor = run.load(solver_path, trainable=True)
-    reference = run.load(solver_path, trainable=False)[0] if rcfg.kl_coef > 0 else None
-    tokens = special_tokens(processor, policy)
-    optimizer = make_optimizer(policy, rcfg)
     sampling = Sampling(rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.max_new_tokens)
-    rng = np.random.default_rng(seed_for(cfg.seed, iteration, "reasoner-questions"))
-    order = draw(rng, len(kept), rcfg.steps * rcfg.prompts_per_step)
-    for step in range(rcfg.steps):
-        started = time.perf_counter()
-        batch = [kept[i] for i in order[step * rcfg.prompts_per_step:(step + 1) * rcfg.prompts_per_step]]
-        prompts = [reasoner_prompt(processor, load_image(r["image"], cfg.model.min_pixels, cfg.model.max_pixels),
+    order = draw(seed_for(run.cfg.seed, iteration, "reasoner-questions"), len(kept), rcfg.steps * rcfg.prompts_per_step)
+
+    def make_batch(policy, processor, tokens, step):
+        timer = Timer()
+        batch = my_part([kept[i] for i in order[step * rcfg.prompts_per_step:(step + 1) * rcfg.prompts_per_step]],
+                        rcfg.updates_per_step)
+        prompts = [reasoner_prompt(processor, load_image(r["image"], mcfg.min_pixels, mcfg.max_pixels),
                                    r["question"]) for r in batch]
-        result = rollout(policy, prompts, rcfg.group_size, sampling, tokens, rcfg.rollout_batch_size,
-                         run.generator(iteration, "reasoner", step))
+        with gathered(policy):
+            result = rollout(policy, prompts, rcfg.group_size, sampling, tokens, rcfg.rollout_batch_size,
+                             run.generator(iteration, "reasoner", step))
         texts = decode(processor, result.completion_ids, result.completion_mask)
-        sampled = time.perf_counter()
+        seconds_sampling = timer.lap()
         rewards = torch.tensor([reasoner_reward(text, batch[p]["silver_answer"], batch[p]["choices"],
                                                 rcfg.accuracy_weight, rcfg.format_weight)
                                 for text, p in zip(texts, result.prompt_index.tolist())])
-        scored = time.perf_counter()
-        metrics = train_step(policy, reference, optimizer, prompts, result, rewards, tokens, rcfg)
-        metrics.update(iteration=iteration, stage="reasoner", step=step,
-                       seconds_sampling=sampled - started, seconds_scoring=scored - sampled)
-        run.log_metrics(metrics)
-        _step_log(iteration, "reasoner", step, rcfg.steps, metrics)
-    save_vlm(policy, processor, out_path)
+        return prompts, result, rewards, {"seconds_sampling": seconds_sampling, "seconds_scoring": timer.lap()}
+
+    run.train("reasoner", iteration, solver_path, out_path, make_batch)
 
 
 def evaluate_solver(run, iteration, solver_path, out_path):
     """Stage 5: greedy accuracy (and sampled pass@1 / majority@k) of a solver on every benchmark."""
-    ecfg = run.cfg.eval
+    ecfg, mcfg = run.cfg.eval, run.cfg.model
     model, processor = run.load(solver_path, trainable=False)
     summaries, items_rows = {}, []
     for name, items in run.benchmarks.items():
         items = items[:ecfg.max_items] if ecfg.max_items else items
-        results = evaluate(model, processor, items, run.cfg.model.min_pixels, run.cfg.model.max_pixels,
-                           ecfg.max_new_tokens, ecfg.batch_size, ecfg.samples, seed_for(run.cfg.seed, "eval"))
+        with gathered(model):
+            mine = evaluate(model, processor, my_part(items), mcfg.min_pixels, mcfg.max_pixels, ecfg.max_new_tokens,
+                            ecfg.batch_size, ecfg.samples, seed_for(run.cfg.seed, "eval", distributed.rank()),
+                            progress=distributed.is_main())
+        results = distributed.all_gather_list(mine)
         summaries[name] = summarize(results)
         items_rows += [{"benchmark": name, **r} for r in results]
         log.info("[iter %d eval] %s: accuracy %.1f%% (%d items)", iteration, name,
                  100 * summaries[name]["accuracy"], len(results))
-    write_jsonl(out_path.replace(".json", "_items.jsonl"), items_rows)
-    write_json(out_path, summaries)
+    if distributed.is_main():
+        write_jsonl(out_path.replace(".json", "_items.jsonl"), items_rows)
+        write_json(out_path, summaries)
+    distributed.barrier()
 
 
 def question_diversity(questions, limit=2000):
@@ -317,11 +273,9 @@ def question_diversity(questions, limit=2000):
     if not questions:
         return {"distinct_ratio": None, "mean_pairwise_bleu": None}
     sample = questions[:limit]
-    distance = bleu_distance_matrix(sample)
     n = len(sample)
-    pairwise = 1 - distance[np.triu_indices(n, 1)].mean() if n > 1 else None
-    return {"distinct_ratio": len(set(questions)) / len(questions),
-            "mean_pairwise_bleu": float(pairwise) if pairwise is not None else None}
+    pairwise = float(1 - bleu_distance_matrix(sample)[np.triu_indices(n, 1)].mean()) if n > 1 else None
+    return {"distinct_ratio": len(set(questions)) / len(questions), "mean_pairwise_bleu": pairwise}
 
 
 def iteration_summary(run, iteration):
@@ -337,36 +291,20 @@ def iteration_summary(run, iteration):
                    kept_confidence_mean=float(np.mean([r["confidence"] for r in kept])) if kept else None,
                    confidence_histogram=np.histogram(confidences, bins=10, range=(0, 1))[0].tolist(),
                    **question_diversity([r["question"] for r in generated if r["valid"]]))
-    evals = json.load(open(run.path(f"eval_v{iteration}.json")))
+    with open(run.path(f"eval_v{iteration}.json")) as f:
+        evals = json.load(f)
     row["eval"] = {name: {k: v for k, v in s.items() if k != "by_category"} | {
         "by_category": {c: round(x["accuracy"], 4) for c, x in s["by_category"].items()}} for name, s in evals.items()}
     return row
-
-
-def check_run_dir(run):
-    """Save the resolved config; refuse to resume a run directory made with a different config."""
-    path = run.path("config.yaml")
-    current = config_to_dict(run.cfg)
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = yaml.safe_load(f)
-        for section in current:
-            if section in ("iterations", "eval") or previous.get(section) == current[section]:
-                continue
-            raise ConfigError(f"run_dir {run.dir!r} holds a run made with a different {section!r} setting; "
-                              "use another run_dir (--set run_dir=...) or delete that folder to start over")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(current, f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def run_loop(cfg):
     """The whole VisPlay run: evaluate the base, then T iterations of the five stages, resuming."""
     started = time.perf_counter()
     run = Run(cfg)
-    check_run_dir(run)
-    log.info("run %s: %d pool images, base %s, device %s", run.dir, len(run.pool), run.base, run.device)
+    run.check_config()
+    log.info("run %s: %d pool images, base %s, device %s, %d process(es)", run.dir, len(run.pool), run.base,
+             run.device, distributed.world_size())
     if not os.path.exists(run.path("eval_v0.json")):
         evaluate_solver(run, 0, run.base, run.path("eval_v0.json"))
     summaries = [iteration_summary(run, 0)]
@@ -388,21 +326,26 @@ def run_loop(cfg):
                 continue
             stage(out)
         summaries.append(iteration_summary(run, i))
+        if distributed.is_main():
+            write_jsonl(run.path("summary.jsonl"), summaries)
+    if distributed.is_main():
         write_jsonl(run.path("summary.jsonl"), summaries)
-    write_jsonl(run.path("summary.jsonl"), summaries)
-    log.info("done in %.1f s", time.perf_counter() - started)
-    print(format_summary(summaries))
+        log.info("done in %.1f s", time.perf_counter() - started)
+        print(format_summary(summaries))
     return summaries
 
 
 def format_summary(summaries):
     """The run's table: per iteration, accuracy per benchmark and the question statistics."""
-    lines = ["| iteration | " + " | ".join(f"{b} acc" for b in summaries[0]["eval"]) +
-             " | kept | mean p kept | invalid | distinct | pairwise BLEU |",
-             "|---" * (len(summaries[0]["eval"]) + 6) + "|"]
+    benches = list(summaries[0]["eval"])
+    lines = ["| iteration | " + " | ".join(f"{b} acc" for b in benches) +
+             " | kept | mean p kept | invalid | distinct | pairwise BLEU |", "|---" * (len(benches) + 6) + "|"]
+
+    def fmt(value, pattern):
+        return pattern % value if value is not None else "-"
+
     for s in summaries:
-        acc = " | ".join(f"{100 * e['accuracy']:.1f}" for e in s["eval"].values())
-        fmt = (lambda v, pattern: pattern % v if v is not None else "-")
+        acc = " | ".join(f"{100 * s['eval'][b]['accuracy']:.1f}" for b in benches)
         lines.append(f"| {s['iteration']} | {acc} | {s.get('kept', '-')} | {fmt(s.get('kept_confidence_mean'), '%.2f')}"
                      f" | {fmt(s.get('invalid_rate'), '%.2f')} | {fmt(s.get('distinct_ratio'), '%.2f')}"
                      f" | {fmt(s.get('mean_pairwise_bleu'), '%.2f')} |")
@@ -415,7 +358,9 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set questioner.lr=1e-5 (repeatable)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports progress
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     try:

@@ -96,11 +96,14 @@ def atomic_replace_dir(tmp_path, path):
         os.replace(tmp_path, path)
 
 
-def save_vlm(model, processor, path):
-    """`save_pretrained` model and processor into `path` atomically (write `path.tmp`, then rename)."""
+def save_vlm(model, processor, path, state_dict=None):
+    """`save_pretrained` model and processor into `path` atomically (write `path.tmp`, then rename).
+
+    state_dict: the weights to write instead of the model's own (a sharded model's gathered copy).
+    """
     tmp = os.path.normpath(path) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     atomic_replace_dir(tmp, path)
 

@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 
 from rewards import (
+    answer_correct,
     answers_equivalent,
     average_linkage_clusters,
     bleu_distance_matrix,
     diversity_penalty,
+    extract_answer,
     extract_boxed,
+    grade,
     has_boxed_format,
+    infer_answer_type,
     majority_vote,
     normalize_answer,
+    normalize_text,
     questioner_reward,
     reasoner_reward,
     sentence_bleu,
@@ -423,3 +428,151 @@ def test_reasoner_reward():
     assert reasoner_reward("... so 0.5", "0.5") == 0.0  # right, but not boxed
     assert reasoner_reward(r"\boxed{blue}", "B", CHOICES) == pytest.approx(1.0)
     assert reasoner_reward(r"\boxed{7}", "7", accuracy_weight=1.0, format_weight=0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------
+# Benchmark grading: lenient extraction (evaluation only) and rules per answer type
+
+MC = ["red", "blue", "green"]
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    (r"The answer is 3. So \boxed{4}", None, "4"),  # 1. the box wins over everything
+    ("The answer is 3. Because there are three.", None, "3"),  # 2. cut at ". "
+    ("The answer is 3.5", None, "3.5"),  # a decimal point is not a sentence end
+    (r"Answer: $\frac{1}{2}$", None, r"$\frac{1}{2}$"),
+    ("**Answer:** B", MC, "B"),
+    ("the answer is A; no wait, the answer is B", MC, "B"),  # the last phrase
+    ("the answer is", None, "the answer is"),  # nothing after it: falls through to the last line
+    ("Looking closely, it is (C).", MC, "C"),  # 3. a letter ending the last line
+    ("so **B**", MC, "B"),
+    ("Looking closely, it is (C).", None, "Looking closely, it is (C)."),  # no choices: rule 3 is off
+    ("so it is E", MC, "so it is E"),  # E is not one of 3 options
+    ("A cat sits on the mat.", MC, "A cat sits on the mat."),  # a capital A that does not end the line
+    ("Let me count.\n\n42\n", None, "42"),  # 4. the last non-empty line
+    ("", None, None), ("  \n ", None, None), (None, None, None),
+])
+def test_extract_answer(text, choices, expected):
+    assert extract_answer(text, choices) == expected
+
+
+def test_training_still_requires_the_box():
+    # evaluation reads "0.5" out of this response; the reasoner's reward does not
+    assert grade("The answer is 0.5", "0.5")
+    assert reasoner_reward("The answer is 0.5", "0.5") == 0.0
+
+
+@pytest.mark.parametrize("reference, choices, expected", [
+    ("B", MC, "multiple_choice"), ("yes", None, "yes_no"), ("No.", None, "yes_no"),
+    ("12", None, "integer"), ("1,234", None, "integer"), ("12 cm", None, "integer"), ("3.0", None, "integer"),
+    ("2.5", None, "float"), (r"\frac{1}{2}", None, "float"),
+    ("50%", None, "integer"),  # "percentage" is never inferred
+    ("Eiffel Tower", None, "free_form"), ("true", None, "free_form"),
+])
+def test_infer_answer_type(reference, choices, expected):
+    assert infer_answer_type(reference, choices) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("The Eiffel Tower.", "eiffel tower"), ("eiffel tower", "eiffel tower"), ("a red car", "red car"),
+    ("U.S.A.", "usa"), ("red-car", "redcar"), (r"\text{An apple}", "apple"), ("the", ""),
+])
+def test_normalize_text(raw, expected):
+    assert normalize_text(raw) == expected
+
+
+@pytest.mark.parametrize("response, reference", [
+    # multiple choice: a boxed letter, a bare letter, "(B)", "B.", lowercase, the option's text
+    (r"\boxed{B}", "B"), ("B", "B"), ("(B)", "B"), ("B.", "B"), ("b", "B"), ("blue", "B"), ("Blue.", "B"),
+    ("The answer is (B).", "B"), ("I pick B", "B"), ("B. blue", "B"), (r"\boxed{blue}", "B"),
+    ("B", "blue"),  # a reference written as the option's text
+])
+def test_grade_multiple_choice(response, reference):
+    assert grade(response, reference, MC, "multiple_choice")
+
+
+@pytest.mark.parametrize("response, reference", [
+    ("AB", "B"), (r"\boxed{AB}", "B"), ("A", "B"), ("red", "B"), ("(A)", "B"),
+    ("\\boxed{A}\nso B", "B"),  # the box wins over the last line
+    ("D", "B"),  # no option D
+])
+def test_grade_multiple_choice_rejects(response, reference):
+    assert not grade(response, reference, MC, "multiple_choice")
+
+
+@pytest.mark.parametrize("response, reference, answer_type", [
+    ("12", "12", "integer"), ("3.0", "3", "integer"),
+    (r"\frac{1}{2}", "0.5", "float"), (r"\dfrac{3}{4}", "0.75", "float"), ("1/2", "0.5", "float"),
+    ("2.50001", "2.5", "float"),  # relative 4e-6 <= 1e-4
+    (r"90^\circ", "90", "integer"), ("90°", "90", "integer"),
+    (r"50\%", "50", "integer"), ("50%", "50", "integer"),
+    ("1,234", "1234", "integer"), ("1234", "1,234", "integer"),
+    ("12 cm", "12", "integer"), ("12cm", "12", "integer"), ("12", "12 cm", "integer"),
+    ("The answer is 7.", "7", "integer"),
+])
+def test_grade_numbers(response, reference, answer_type):
+    assert grade(response, reference, answer_type=answer_type)
+    assert grade(response, reference)  # the inferred type grades these alike
+
+
+@pytest.mark.parametrize("response, reference", [("50%", "0.5"), ("0.5", "50%"), (r"50\%", "0.5")])
+def test_grade_percentage_items_only(response, reference):
+    assert grade(response, reference, answer_type="percentage")
+    assert not grade(response, reference)  # inferred integer / float: 50 is not 0.5
+
+
+def test_grade_percentage_needs_a_percent_sign():
+    # only a number written with % is also read as a fraction of 100
+    assert not grade("50", "0.5", answer_type="percentage")
+    assert grade("50", "50%", answer_type="percentage")
+
+
+@pytest.mark.parametrize("response, reference, answer_type", [
+    ("12", "1.2", "float"), ("1.2", "12", "integer"), ("13", "12", "integer"),
+    ("2.6", "2.5", "float"),
+    ("3.0001", "3", "integer"),  # within 1e-4 relative, but an integer answer must be an integer
+    ("50%", "0.5", "float"), ("0.5", "50%", "integer"),  # percent vs decimal: only for "percentage" items
+    ("1.234", "1234", "integer"),
+])
+def test_grade_numbers_rejects(response, reference, answer_type):
+    assert not grade(response, reference, answer_type=answer_type)
+
+
+def test_grade_integer_rule_only_for_integer_items():
+    assert grade("3.0001", "3", answer_type="float")
+    assert not grade("3.0001", "3")  # "3" is inferred integer
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("yes", "yes", True), ("Yes", "yes", True), (r"\boxed{Yes}", "yes", True), ("True", "yes", True),
+    ("correct", "yes", True), ("false", "no", True), ("No.", "no", True),
+    ("Yes, there is a red square.", "yes", True), ("No, it is blue.", "no", True),  # a leading yes / no
+    ("not yes", "yes", False), ("no", "yes", False), ("not", "no", False), ("nope", "no", False),
+    ("Yes, there is a red square.", "no", False),
+])
+def test_grade_yes_no(response, reference, expected):
+    assert grade(response, reference, answer_type="yes_no") is expected
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("The Eiffel Tower", "eiffel tower.", True), (r"\boxed{the eiffel tower}", "Eiffel Tower", True),
+    ("a red car", "red car", True), ("Red car!", "red car", True),
+    ("Eiffel", "Eiffel Tower", False), ("eiffel towers", "eiffel tower", False),
+    ("U.S.A.", "USA", True), ("red-car", "red car", False),  # punctuation is deleted, not made a space
+    ("The", "a", False),  # nothing left after dropping the articles
+])
+def test_grade_free_form(response, reference, expected):
+    assert grade(response, reference, answer_type="free_form") is expected
+
+
+def test_grade_alternatives():
+    # "x<OR>y" accepts either (MM-Vet); each alternative is graded by the item's rules
+    assert grade("1/2", "0.5<OR>half", answer_type="free_form")
+    assert grade("Half.", "0.5<OR>half", answer_type="free_form")
+    assert not grade("2", "0.5<OR>half", answer_type="free_form")
+
+
+def test_answer_correct_missing_answer():
+    assert not answer_correct(None, "yes", answer_type="yes_no")
+    assert not answer_correct("", "", answer_type="free_form")
+    assert not grade(None, "3")

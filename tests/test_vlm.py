@@ -151,7 +151,7 @@ def test_save_vlm_replaces_existing_folder(tmp_path, loaded):
 class _CrashingModel:
     """Writes part of a checkpoint, then fails (a crash or a full disk mid-save)."""
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             f.write('{"model_type": "qwen2_5_vl", "trunc')

@@ -1,0 +1,98 @@
+"""Exact resume inside a GRPO stage: sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+A stage saves every `save_every` steps into
+
+    RUN/checkpoints/<stage>/step_000010/   model and AdamW state (DCP shards of every rank),
+                                           rng_rank<r>.pt (each rank's RNG states), meta.json
+
+written as `step_000010.tmp` and renamed by rank 0 once every rank has finished writing: a folder
+without `.tmp` is complete, so a run killed mid-write (even by SIGKILL) resumes from the previous
+checkpoint and never reads a torn one. Everything random in a step derives from (seed, stage, step)
+(`visplay.seed_for`), so model + optimizer + step number reproduce the uninterrupted run; the RNG
+states are restored as well for code that draws from the global generators.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+import distributed
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def _rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def latest(folder):
+    """(step, path) of the newest complete checkpoint in `folder`, or None. Ignores `.tmp` folders."""
+    if not os.path.isdir(folder):
+        return None
+    steps = [int(m.group(1)) for name in os.listdir(folder) if (m := _STEP.match(name))
+             and os.path.isfile(os.path.join(folder, name, "meta.json"))]
+    if not steps:
+        return None
+    step = max(steps)
+    return step, os.path.join(folder, f"step_{step:06d}")
+
+
+def save(folder, step, model, optimizer, meta=None, keep=1):
+    """Checkpoint after `step` completed steps: all ranks call this together. Keeps the newest `keep`."""
+    final = os.path.join(folder, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    distributed.barrier()
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=tmp)
+    torch.save(_rng_states(), os.path.join(tmp, f"rng_rank{distributed.rank()}.pt"))
+    distributed.barrier()
+    if distributed.is_main():
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "world_size": distributed.world_size(), **(meta or {})}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for name in sorted(os.listdir(folder)):
+            m = _STEP.match(name)
+            if m and int(m.group(1)) < step - keep + 1 or name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    distributed.barrier()
+
+
+def load(path, model, optimizer):
+    """Restore model, optimizer and this rank's RNG states from a checkpoint folder; returns its meta."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)  # DCP reshards, so another number of processes can resume too
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if meta["world_size"] == distributed.world_size():
+        _set_rng_states(torch.load(os.path.join(path, f"rng_rank{distributed.rank()}.pt"), weights_only=False))
+    return meta
+
+
+def remove(folder):
+    """Delete a finished stage's checkpoints (its save_pretrained export replaces them)."""
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+    distributed.barrier()

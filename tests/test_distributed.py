@@ -1,0 +1,269 @@
+"""Data parallel FSDP2 (2 CPU processes, gloo) equals one process; checkpoints resume exactly.
+
+The workers run in processes started with torch.multiprocessing.spawn; each test writes what the
+workers need into a temporary folder and the workers write their results back there.
+"""
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import checkpoint
+import distributed
+import visplay
+from config import ReasonerConfig
+from grpo import Sampling, Rollout, sample, shard_model, special_tokens, train_step
+from rewards import diversity_penalty
+from roles import encode_prompt
+from vlm import load_vlm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_two(fn, *args):
+    mp.spawn(_entry, args=(2, _free_port(), fn, args), nprocs=2, join=True)
+
+
+# ----------------------------------------------------------------------------- one GRPO update
+
+
+def _images():
+    colours = [(200, 30, 30), (30, 160, 60), (40, 70, 210), (230, 200, 40)]
+    return [Image.new("RGB", (56 + 28 * (i % 2), 56), colours[i]) for i in range(4)]
+
+
+def _prompts(processor):
+    texts = ["How many objects are there?", "Is there a red circle?", "How many circles are there?",
+             "Are there more red objects than blue objects?"]
+    return [encode_prompt(processor, image, text) for image, text in zip(_images(), texts)]
+
+
+def _config():
+    # grad_clip binds (the clipped norm is computed from every rank's shards), KL to a reference is on
+    return ReasonerConfig(prompts_per_step=4, group_size=2, updates_per_step=2, micro_batch_size=1, lr=1.0,
+                          grad_clip=0.05, kl_coef=0.05, temperature=1.0, loss_agg="token-mean", logprob_chunk=3)
+
+
+def _update(model_dir, prompts, rollout, rewards, sharded):
+    """One train_step (2 optimizer updates) with SGD(lr=1): the parameter change is the gradient itself
+    (Adam would turn rounding noise in a ~1e-9 gradient into a full lr-sized step, so equal Adam steps
+    would not show equal gradients)."""
+    model, processor = load_vlm(model_dir)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    if sharded:
+        shard_model(model, mixed_precision=False)
+        shard_model(reference, mixed_precision=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    metrics = train_step(model, reference, optimizer, prompts, rollout, rewards, special_tokens(processor, model),
+                         _config())
+    return model, metrics
+
+
+def _full_state(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _update_worker(model_dir, folder):
+    _, processor = load_vlm(model_dir)
+    prompts = _prompts(processor)
+    data = torch.load(os.path.join(folder, "batch.pt"))
+    mine = visplay.my_part(list(range(len(prompts))), blocks=2)  # rank 0: prompts 0, 2; rank 1: 1, 3
+    rows = [r for p in mine for r in range(len(data["prompt_index"])) if data["prompt_index"][r] == p]
+    local_index = torch.tensor([mine.index(int(data["prompt_index"][r])) for r in rows])
+    local = Rollout(local_index, data["completion_ids"][rows], data["completion_mask"][rows], data["logprobs"][rows])
+    model, metrics = _update(model_dir, [prompts[i] for i in mine], local, data["rewards"][rows], sharded=True)
+    state = _full_state(model)
+    if distributed.is_main():
+        torch.save({"state": state, "metrics": metrics}, os.path.join(folder, "sharded.pt"))
+
+
+def test_one_grpo_update_under_fsdp2_equals_single_process(tiny_model_dir, tmp_path):
+    model, processor = load_vlm(tiny_model_dir)
+    prompts = _prompts(processor)
+    tokens = special_tokens(processor, model)
+    rollout = sample(model, prompts, 2, Sampling(1.0, 1.0, 0, 6), tokens, torch.Generator().manual_seed(0))
+    rewards = torch.tensor([1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 1.0])
+    torch.save({"prompt_index": rollout.prompt_index, "completion_ids": rollout.completion_ids,
+                "completion_mask": rollout.completion_mask, "logprobs": rollout.logprobs, "rewards": rewards},
+               tmp_path / "batch.pt")
+    single, single_metrics = _update(tiny_model_dir, prompts, rollout, rewards, sharded=False)
+    spawn_two(_update_worker, tiny_model_dir, str(tmp_path))
+    sharded = torch.load(tmp_path / "sharded.pt")
+
+    before = model.state_dict()
+    moved = 0
+    for name, value in single.state_dict().items():
+        assert torch.allclose(sharded["state"][name], value, atol=1e-5, rtol=0), name
+        moved += not torch.equal(value, before[name])
+    assert moved > 10  # the update changed the weights, so equality is not trivial
+    for key in ("loss", "kl", "grad_norm", "reward_mean", "reward_std", "advantage_std", "clip_frac_high",
+                "response_length_mean", "entropy"):
+        assert sharded["metrics"][key] == pytest.approx(single_metrics[key], abs=1e-5), key
+
+
+# ----------------------------------------------------------------------------- gathered statistics
+
+
+def _penalty_worker(questions, folder):
+    mine = [questions[i] for i in distributed.my_share(len(questions))]
+    penalty = visplay.step_diversity_penalty(mine, 0.5)
+    everything = distributed.all_gather_list(penalty.tolist())
+    if distributed.is_main():
+        torch.save(everything, os.path.join(folder, "penalty.pt"))
+
+
+def test_diversity_penalty_across_two_ranks_equals_single_process(tmp_path):
+    questions = ["how many red circles are there ?", "how many red circles are there in the image ?",
+                 "is there a blue square ?", "how many red circles are there ?", "is there a blue square here ?",
+                 "what color is the shape in row 2 ?", "how many objects are there ?"]  # 7: unequal shares
+    spawn_two(_penalty_worker, questions, str(tmp_path))
+    assert torch.load(tmp_path / "penalty.pt") == pytest.approx(diversity_penalty(questions, 0.5).tolist())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_worker(model_dir, folder):
+    model, _ = load_vlm(model_dir)
+    shard_model(model, mixed_precision=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():  # one step so the optimizer has state to save
+        p.grad = torch.ones_like(p) * 1e-3
+    optimizer.step()
+    checkpoint.save(os.path.join(folder, "ckpt"), 7, model, optimizer)
+    fresh, _ = load_vlm(model_dir)
+    shard_model(fresh, mixed_precision=False)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    step, path = checkpoint.latest(os.path.join(folder, "ckpt"))
+    checkpoint.load(path, fresh, fresh_optimizer)
+    a, b = _full_state(model), _full_state(fresh)
+    same_optimizer = all(torch.equal(x["exp_avg_sq"].full_tensor(), y["exp_avg_sq"].full_tensor())
+                         for x, y in zip(optimizer.state.values(), fresh_optimizer.state.values()))
+    if distributed.is_main():
+        torch.save({"step": step, "same_model": all(torch.equal(a[k], b[k]) for k in a),
+                    "same_optimizer": same_optimizer, "states": len(fresh_optimizer.state)},
+                   os.path.join(folder, "result.pt"))
+
+
+def test_sharded_checkpoint_round_trip(tiny_model_dir, tmp_path):
+    spawn_two(_checkpoint_worker, tiny_model_dir, str(tmp_path))
+    result = torch.load(tmp_path / "result.pt")
+    assert result["step"] == 7 and result["same_model"] and result["same_optimizer"] and result["states"] > 0
+    assert sorted(os.listdir(tmp_path / "ckpt" / "step_000007")).count("rng_rank1.pt") == 1
+
+
+def test_torn_checkpoints_are_ignored(tiny_model_dir, tmp_path):
+    model, _ = load_vlm(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    checkpoint.save(str(tmp_path), 2, model, optimizer)
+    os.makedirs(tmp_path / "step_000004.tmp")  # killed while writing
+    (tmp_path / "step_000004.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    os.makedirs(tmp_path / "step_000003")  # renamed folder without its meta.json: not complete either
+    assert checkpoint.latest(str(tmp_path)) == (2, str(tmp_path / "step_000002"))
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+
+def _tiny_run(run_dir, model_dir, image_dir, benchmark_file):
+    from test_loop import tiny_overrides
+
+    return tiny_overrides(run_dir, model_dir, image_dir, benchmark_file) + [
+        "save_every=1", "questioner.steps=5", "reasoner.steps=4", "eval.samples=0"]
+
+
+def _run_cli(overrides, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config", os.path.join(ROOT, "config.yaml")]
+    return subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.parametrize("kill_when", ["questioner_v1/step_000002", "solver_v1/step_000003"])
+def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, format_model_dir, image_dir, benchmark_file,
+                                                       tmp_path):
+    """SIGKILL the run once a checkpoint exists inside a GRPO stage; the rerun resumes from it and
+    ends with exactly (bitwise) the weights and files of an uninterrupted run."""
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    done = _run_cli(_tiny_run(clean, format_model_dir, image_dir, benchmark_file))
+    process = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
+    marker = os.path.join(killed, "checkpoints", kill_when)
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.path.exists(marker), "the run ended before the checkpoint appeared"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(killed, "solver_v1"))  # it really died mid-run
+    assert done.wait() == 0, done.stderr.read().decode()[-2000:]
+    resumed = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+    assert "resumed from" in resumed.stderr.read().decode()
+    for checkpoint_dir in ("questioner_v1", "solver_v1"):
+        a, b = _weights(os.path.join(clean, checkpoint_dir)), _weights(os.path.join(killed, checkpoint_dir))
+        assert all(torch.equal(a[k], b[k]) for k in a), checkpoint_dir
+    for name in ("questions_v1.jsonl", "labeled_v1.jsonl", "kept_v1.jsonl", "eval_v1.json"):
+        assert open(os.path.join(clean, name)).read() == open(os.path.join(killed, name)).read(), name
+    assert not os.path.exists(os.path.join(killed, "checkpoints", kill_when.split("/")[0]))  # removed when done
+
+
+def test_generation_resumes_at_the_first_missing_part(tmp_path, monkeypatch, format_model_dir, image_dir,
+                                                      benchmark_file):
+    """A stage split into parts that dies after writing some parts redoes only the missing ones."""
+    from config import load_config
+    from run import Run
+
+    run = Run(load_config(os.path.join(ROOT, "config.yaml"),
+                          _tiny_run(str(tmp_path), format_model_dir, image_dir, benchmark_file)))
+    calls = []
+
+    def work(chunk):
+        calls.append(chunk)
+        if chunk == 3 and len(calls) == 4:
+            raise KeyboardInterrupt  # the first attempt dies in chunk 3
+        return [{"chunk": chunk, "row": r} for r in range(2)]
+
+    out = str(tmp_path / "rows.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        run.in_parts(out, 5, work)
+    rows = run.in_parts(out, 5, work)
+    assert calls == [0, 1, 2, 3, 3, 4]
+    assert rows == [{"chunk": c, "row": r} for c in range(5) for r in range(2)]
