@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -63,7 +64,9 @@ def save(folder, step, model, optimizer, meta=None, keep=1):
         os.makedirs(tmp)
     distributed.barrier()
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # DCP warns that a single-process run is not distributed: that is fine
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp)
     torch.save(_rng_states(), os.path.join(tmp, f"rng_rank{distributed.rank()}.pt"))
     distributed.barrier()
     if distributed.is_main():
@@ -83,7 +86,9 @@ def load(path, model, optimizer):
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)  # DCP reshards, so another number of processes can resume too
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)  # DCP reshards, so another number of processes can resume too
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if meta["world_size"] == distributed.world_size():

@@ -187,7 +187,8 @@ def _check(cfg):
          "must be positive and <= model.max_pixels")
     for role in ("questioner", "reasoner"):
         s = getattr(cfg, role)
-        for name in ("steps", "prompts_per_step", "updates_per_step", "micro_batch_size", "rollout_batch_size",
+        need(s.steps >= 0, f"{role}.steps", "must be >= 0 (0: the role is not trained, e.g. an ablation)")
+        for name in ("prompts_per_step", "updates_per_step", "micro_batch_size", "rollout_batch_size",
                      "max_new_tokens", "logprob_chunk"):
             need(getattr(s, name) >= 1, f"{role}.{name}", "must be >= 1")
         need(s.group_size >= 2, f"{role}.group_size", "must be >= 2 (advantages are normalised within a group)")

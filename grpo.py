@@ -78,7 +78,9 @@ def special_tokens(processor, model):
 
 
 def _device(model):
-    return next(model.parameters()).device
+    """Where the model computes: its buffers' device (with FSDP CPU offload the parameters sit in CPU
+    memory between uses, but the buffers, e.g. the rotary frequencies, stay on the GPU)."""
+    return next(model.buffers(), next(model.parameters())).device
 
 
 def collate(model, prompts, tokens, completion_ids=None, completion_mask=None):

@@ -37,6 +37,10 @@ COLOR_NAMES = tuple(COLORS)
 # The image processor's normalisation mean (CLIP's) as a colour: empty cells normalise to ~0, so the
 # vision features carry the objects rather than a large constant from the background.
 BACKGROUND = (123, 117, 104)
+# The fraction of its 28-pixel cell a shape spans: big squares, medium triangles, small circles, so a
+# shape shows in the amount of colour in its cell as well as in its outline (a tiny model from
+# scratch learns that in minutes; outlines alone take it far longer).
+SHAPE_SCALE = {"square": 0.9, "triangle": 1.0, "circle": 0.6}
 LETTERS = "ABCD"
 
 
@@ -59,7 +63,7 @@ class Scene:
     things: list
 
     def render(self):
-        return render_shapes([(t.shape, t.color, t.row, t.col, 0.8) for t in self.things], self.rows, self.cols,
+        return render_shapes([(t.shape, t.color, t.row, t.col, SHAPE_SCALE[t.shape]) for t in self.things], self.rows, self.cols,
                              background=BACKGROUND)
 
 
@@ -80,10 +84,9 @@ class Question:
     solution: str                 # the reasoner's target: a short chain, then \boxed{answer}
 
 
-def _listing(things, rng):
-    """The things named in a random order: the chain enumerates them like a person would, in no set
-    order, so each next item is one of several equally right choices."""
-    return ", ".join(t.name for t in rng.sample(things, len(things))) if things else "none"
+def _listing(things):
+    """The things named in reading order (row by row, left to right)."""
+    return ", ".join(t.name for t in things) if things else "none"
 
 
 def _count(family, scene, rng):
@@ -98,7 +101,7 @@ def _count(family, scene, rng):
         match, what = scene.things, "objects"
     n = str(len(match))
     return Question(family, "numerical", f"How many {what} are there?", n, None,
-                    f"Found: {_listing(match, rng)}. \\boxed{{{n}}}")
+                    f"Found: {_listing(match)}. \\boxed{{{n}}}")
 
 
 def _exists(scene, rng):
@@ -111,7 +114,7 @@ def _exists(scene, rng):
     found = [t for t in scene.things if t.name == name]
     answer = "yes" if found else "no"
     return Question("exists", "multiple choice", f"Is there a {name}?", answer, None,
-                    f"Found: {_listing(found, rng)}. \\boxed{{{answer}}}")
+                    f"Found: {_listing(found)}. \\boxed{{{answer}}}")
 
 
 def _attribute(scene, rng):
@@ -164,10 +167,17 @@ def questioner_target(q):
 class WorldConfig:
     rows: int = 4
     cols: int = 4
-    pretrain_things: tuple = (1, 4)     # base domain: few objects
-    shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: more objects
+    pretrain_decay: float = 0.6         # base domain: P(n objects) ~ decay**n over 1..max_things (few objects)
+    max_things: int = 8
+    shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: uniform, more objects
     pool_images: int = 512
     benchmark_items: int = 1024
+
+
+def pretraining_scene(rng, world):
+    """A base-domain scene: mostly one to three objects, rarely many."""
+    n = rng.choices(range(1, world.max_things + 1), weights=[world.pretrain_decay ** k for k in range(world.max_things)])[0]
+    return random_scene(rng, world.rows, world.cols, n, n)
 
 
 def scenes(seed, count, rows, cols, things):
@@ -177,18 +187,18 @@ def scenes(seed, count, rows, cols, things):
 
 
 def balanced_questions(scene_list, seed, per_scene=1):
-    """Questions cycling through FAMILIES so the families are balanced; scenes that cannot host a family
-    (e.g. no two unique objects for spatial) are retried with the next scene."""
+    """Questions balanced over FAMILIES: each scene gets the family asked least so far (ties in FAMILIES
+    order); a scene that cannot host it (e.g. no two unique objects for spatial) gets the next least."""
     rng = random.Random(seed)
-    out, family_index = [], 0
+    out, counts = [], {family: 0 for family in FAMILIES}
     for scene in scene_list:
         for _ in range(per_scene):
             q = None
-            for attempt in range(len(FAMILIES)):
-                q = make_question(FAMILIES[(family_index + attempt) % len(FAMILIES)], scene, rng)
+            for family in sorted(FAMILIES, key=lambda f: (counts[f], FAMILIES.index(f))):
+                q = make_question(family, scene, rng)
                 if q is not None:
+                    counts[family] += 1
                     break
-            family_index += 1
             out.append((scene, q))
     return out
 
@@ -221,7 +231,8 @@ def corpus(seed, count=4000):
     """Texts the tiny tokenizer is trained on: both roles' prompts and targets of the world."""
     world = WorldConfig()
     texts = [QUESTIONER_INSTRUCTION] * (count // 8)  # frequent enough to become a few tokens
-    for scene, q in balanced_questions(scenes(seed + 7, count, world.rows, world.cols, (1, 8)), seed + 8):
+    for scene, q in balanced_questions(scenes(seed + 7, count, world.rows, world.cols, (1, world.max_things)),
+                                       seed + 8):
         texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
     return texts
 
@@ -236,10 +247,15 @@ class BaseConfig:
     vision_hidden: int = 64
     vision_depth: int = 2
     vocab_size: int = 640
-    scenes: int = 3000
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
+    questioner_share: float = 0.3      # examples teaching the questioner's format; the rest the reasoner's
+    direct_rate: float = 0.65          # reasoner targets that answer at once ("\boxed{3}") instead of
+                                       # enumerating first ("Found: red circle, ... \boxed{3}")
+    describe_weight: float = 3.0       # extra weight of count_total, whose chain names every object
+    freeze_vision: bool = True         # keep the randomly initialised vision blocks fixed (their features
+                                       # already separate colours and shapes); the merger still learns
 
 
 def _encode_target(processor, text):
@@ -247,34 +263,41 @@ def _encode_target(processor, text):
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def pretraining_examples(processor, world, base, seed):
-    """(prompt, target ids) pairs of both roles on base-domain scenes (few objects)."""
+def pretraining_example(rng, processor, world, base):
+    """One (prompt, target ids) pair on a fresh base-domain scene: a question written by the
+    questioner, or an answer by the reasoner, direct or after enumerating (the base's two habits)."""
     from roles import questioner_prompt, reasoner_prompt
 
-    examples = []
-    for scene, q in balanced_questions(scenes(seed + 4, base.scenes, world.rows, world.cols, world.pretrain_things),
-                                       seed + 5):
-        image = scene.render()
-        examples.append((reasoner_prompt(processor, image, q.question), _encode_target(processor, q.solution)))
-        examples.append((questioner_prompt(processor, image), _encode_target(processor, questioner_target(q))))
-    return examples
+    scene = pretraining_scene(rng, world)
+    weights = [base.describe_weight if f == "count_total" else 1.0 for f in FAMILIES]
+    q = None
+    while q is None:
+        q = make_question(rng.choices(FAMILIES, weights)[0], scene, rng)
+    image = scene.render()
+    if rng.random() < base.questioner_share:
+        return questioner_prompt(processor, image), _encode_target(processor, questioner_target(q))
+    target = f"\\boxed{{{q.answer}}}" if rng.random() < base.direct_rate else q.solution
+    return reasoner_prompt(processor, image, q.question), _encode_target(processor, target)
 
 
-def pretrain(model, processor, examples, base, seed):
-    """Supervised next-token training on the targets (cross-entropy = -log-prob of each target token).
+def pretrain(model, processor, world, base, seed):
+    """Supervised next-token training (cross-entropy on the target tokens), a fresh batch each step.
 
     Uses `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
     """
     from grpo import completion_logprobs, special_tokens
 
     tokens = special_tokens(processor, model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=base.lr, weight_decay=0.01)
+    if base.freeze_vision:
+        for part in (model.model.visual.patch_embed, model.model.visual.blocks):
+            part.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, base.lr, total_steps=base.steps, pct_start=0.1)
     rng = random.Random(seed)
     losses = []
     model.train()
     for step in range(base.steps):
-        batch = rng.sample(examples, base.batch_size)
+        batch = [pretraining_example(rng, processor, world, base) for _ in range(base.batch_size)]
         width = max(len(t) for _, t in batch)
         ids = torch.full((len(batch), width), tokens.pad_id)
         mask = torch.zeros((len(batch), width))
@@ -285,13 +308,14 @@ def pretrain(model, processor, examples, base, seed):
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == base.steps - 1:
             log.info("[pretrain %d/%d] loss %.3f", step + 1, base.steps, loss.item())
     model.eval()
+    model.requires_grad_(True)
     return losses
 
 
@@ -307,9 +331,8 @@ def build_base(path, seed, world=None, base=None):
         max_pixels=world.rows * world.cols * 28 * 28, hidden_size=base.hidden_size, layers=base.layers,
         heads=base.heads, kv_heads=base.kv_heads, vision_hidden=base.vision_hidden, vision_depth=base.vision_depth)
     shutil.rmtree(scratch, ignore_errors=True)
-    examples = pretraining_examples(processor, world, base, seed)
     torch.manual_seed(seed)
-    pretrain(model, processor, examples, base, seed)
+    pretrain(model, processor, world, base, seed)
     save_vlm(model, processor, path)
     log.info("base built and pretrained in %.0f s -> %s", time.perf_counter() - started, path)
 

@@ -336,19 +336,31 @@ def run_loop(cfg):
 
 
 def format_summary(summaries):
-    """The run's table: per iteration, accuracy per benchmark and the question statistics."""
+    """The run's tables: per iteration, greedy accuracy, sampled pass@1 and majority@k per benchmark with
+    the question statistics; then, per benchmark, greedy accuracy per category."""
     benches = list(summaries[0]["eval"])
-    lines = ["| iteration | " + " | ".join(f"{b} acc" for b in benches) +
-             " | kept | mean p kept | invalid | distinct | pairwise BLEU |", "|---" * (len(benches) + 6) + "|"]
 
-    def fmt(value, pattern):
-        return pattern % value if value is not None else "-"
+    def fmt(value, pattern, scale=1.0):
+        return pattern % (scale * value) if value is not None else "-"
 
+    head = "".join(f" | {b} acc | pass@1 | maj@k" for b in benches)
+    lines = [f"| iteration{head} | kept | mean p kept | invalid | distinct | pairwise BLEU |",
+             "|---" * (3 * len(benches) + 6) + "|"]
     for s in summaries:
-        acc = " | ".join(f"{100 * s['eval'][b]['accuracy']:.1f}" for b in benches)
-        lines.append(f"| {s['iteration']} | {acc} | {s.get('kept', '-')} | {fmt(s.get('kept_confidence_mean'), '%.2f')}"
+        acc = "".join(f" | {fmt(s['eval'][b].get(k), '%.1f', 100)}" for b in benches
+                      for k in ("accuracy", "pass@1", "majority@k"))
+        lines.append(f"| {s['iteration']}{acc} | {s.get('kept', '-')} | {fmt(s.get('kept_confidence_mean'), '%.2f')}"
                      f" | {fmt(s.get('invalid_rate'), '%.2f')} | {fmt(s.get('distinct_ratio'), '%.2f')}"
                      f" | {fmt(s.get('mean_pairwise_bleu'), '%.2f')} |")
+    for b in benches:
+        categories = sorted({c for s in summaries for c in s["eval"][b].get("by_category", {})})
+        if len(categories) < 2:
+            continue
+        lines += ["", f"{b}: greedy accuracy per category", "",
+                  "| iteration | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
+        for s in summaries:
+            by = s["eval"][b].get("by_category", {})
+            lines.append(f"| {s['iteration']} | " + " | ".join(fmt(by.get(c), "%.1f", 100) for c in categories) + " |")
     return "\n".join(lines)
 
 

@@ -73,12 +73,11 @@ def benchmark_file(tmp_path_factory):
 def format_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny model after a short supervised run on both roles' formats (so it writes parsable
     questions and boxed answers often enough for every stage of the loop to have data)."""
-    from toyworld import BaseConfig, WorldConfig, pretrain, pretraining_examples
+    from toyworld import BaseConfig, WorldConfig, pretrain
     from vlm import load_vlm, save_vlm
 
     model, processor = load_vlm(tiny_model_dir)
-    base = BaseConfig(scenes=64, steps=60, batch_size=8, lr=5e-3)
-    pretrain(model, processor, pretraining_examples(processor, WorldConfig(), base, seed=0), base, seed=0)
+    pretrain(model, processor, WorldConfig(), BaseConfig(steps=60, batch_size=8, lr=5e-3), seed=0)
     path = str(tmp_path_factory.mktemp("format") / "model")
     save_vlm(model, processor, path)
     return path

@@ -163,7 +163,7 @@ def test_wrong_type(tmp_path, text, key):
     ("reasoner:\n  group_size: 0\n", "reasoner.group_size"),
     ("reasoner:\n  loss_agg: foo\n", "reasoner.loss_agg"),
     ("questioner:\n  prompts_per_step: 16\n  updates_per_step: 3\n", "questioner.updates_per_step"),
-    ("questioner:\n  steps: 0\n", "questioner.steps"),
+    ("questioner:\n  steps: -1\n", "questioner.steps"),
     ("questioner:\n  top_p: 0.0\n", "questioner.top_p"),
     ("questioner:\n  temperature: 0\n", "questioner.temperature"),
     ("reasoner:\n  dual_clip: 1.0\n", "reasoner.dual_clip"),

@@ -1,0 +1,102 @@
+"""The embedded default's measured claim: held-out accuracy of the reasoner after T iterations vs the
+base, over several seeds, with ablations. Everything runs through `visplay.py`, as a user would.
+
+    python benchmarks/toyworld_claim.py                      # seeds 0 1 2, all four settings
+    python benchmarks/toyworld_claim.py --seeds 0 --settings full no_filter
+
+Settings (each on the same seeds, so on the same base, pool and benchmark per seed):
+    full           config.yaml as it is
+    no_questioner  the questioner is never trained (questioner.steps=0): the base writes every question
+    no_diversity   no BLEU-cluster penalty (questioner.diversity_weight=0)
+    no_filter      every voted question is kept (labeling.p_low=0, labeling.p_high=1)
+A seed's base is built once (by its first setting) and shared by the others through a symlink.
+Prints a markdown table per setting (greedy accuracy per iteration, gain over the base per seed,
+mean and spread) and writes the same numbers to OUT/claim.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {
+    "full": [],
+    "no_questioner": ["questioner.steps=0"],
+    "no_diversity": ["questioner.diversity_weight=0"],
+    "no_filter": ["labeling.p_low=0", "labeling.p_high=1"],
+}
+
+
+def run(out, seed, setting, extra):
+    """One visplay run (resumes if it was interrupted); returns its summary rows."""
+    run_dir = os.path.join(out, f"seed{seed}", setting)
+    shared = os.path.join(out, f"seed{seed}", "embedded")
+    os.makedirs(run_dir, exist_ok=True)
+    if os.path.isdir(shared) and not os.path.exists(os.path.join(run_dir, "embedded")):
+        os.symlink(os.path.abspath(shared), os.path.join(run_dir, "embedded"))
+    args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config", os.path.join(ROOT, "config.yaml"),
+            "--set", f"run_dir={run_dir}", "--set", f"seed={seed}"]
+    for override in SETTINGS[setting] + extra:
+        args += ["--set", override]
+    started = time.perf_counter()
+    with open(os.path.join(run_dir, "stdout.log"), "a") as log:
+        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if not os.path.exists(shared):  # the first setting of a seed built the world: share it
+        os.replace(os.path.join(run_dir, "embedded"), shared)
+        os.symlink(os.path.abspath(shared), os.path.join(run_dir, "embedded"))
+    with open(os.path.join(run_dir, "summary.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    print(f"seed {seed} {setting}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def accuracy(row, key="accuracy"):
+    return 100 * row["eval"]["toyworld"][key]
+
+
+def table(setting, results):
+    """Markdown rows for one setting: per seed the accuracy at every iteration and the final gain."""
+    iterations = len(next(iter(results.values())))
+    lines = [f"### {setting}", "",
+             "| seed | " + " | ".join(f"iter {i}" for i in range(iterations)) + " | gain | pass@1 gain | maj@k gain |",
+             "|---" * (iterations + 4) + "|"]
+    gains = []
+    for seed, rows in results.items():
+        gain = accuracy(rows[-1]) - accuracy(rows[0])
+        gains.append(gain)
+        sampled = [accuracy(rows[-1], k) - accuracy(rows[0], k) if k in rows[0]["eval"]["toyworld"] else float("nan")
+                   for k in ("pass@1", "majority@k")]
+        lines.append(f"| {seed} | " + " | ".join(f"{accuracy(r):.1f}" for r in rows) +
+                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} |")
+    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    lines += ["", f"mean gain {statistics.mean(gains):+.1f} points (std {spread:.1f}, min {min(gains):+.1f}, "
+                  f"max {max(gains):+.1f}) over {len(gains)} seeds", ""]
+    return "\n".join(lines), gains
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "claim"))
+    parser.add_argument("--set", action="append", default=[], help="extra override for every run")
+    args = parser.parse_args()
+    everything = {}
+    for seed in args.seeds:
+        for setting in args.settings:
+            everything.setdefault(setting, {})[seed] = run(args.out, seed, setting, args.set)
+    report = {}
+    for setting, results in everything.items():
+        text, gains = table(setting, results)
+        print(text)
+        report[setting] = {"gains": gains, "rows": results}
+    with open(os.path.join(args.out, "claim.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
