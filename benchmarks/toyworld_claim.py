@@ -11,7 +11,8 @@ Settings (each on the same seeds, so on the same base, pool and benchmark per se
     no_filter      every voted question is kept (labeling.p_low=0, labeling.p_high=1)
 A seed's base is built once (by its first setting) and shared by the others through a symlink.
 Prints a markdown table per setting (greedy accuracy per iteration, gain over the base per seed,
-mean and spread) and writes the same numbers to OUT/claim.json.
+mean and spread, and how often the silver labels of the kept questions were right: an analysis with the
+world's ground truth that the loop itself never reads) and writes the numbers to OUT/claim.json.
 """
 
 import argparse
@@ -21,6 +22,10 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toyworld  # noqa: E402
+from rewards import answers_equivalent  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
@@ -54,16 +59,34 @@ def run(out, seed, setting, extra):
     return rows
 
 
+def silver_accuracy(out, seed, setting, iteration):
+    """Post-hoc analysis (the loop never sees it): the share of kept questions whose silver answer equals
+    the true answer of its pool scene, among those whose truth the scene determines."""
+    world = toyworld.WorldConfig()
+    pool = toyworld.scenes(seed + 1, world.pool_images, world.rows, world.cols, world.shifted_things)
+    path = os.path.join(out, f"seed{seed}", setting, f"kept_v{iteration}.jsonl")
+    if not os.path.exists(path):
+        return float("nan"), 0
+    with open(path) as f:
+        kept = [json.loads(line) for line in f]
+    judged = [(r, toyworld.true_answer(pool[r["image_index"]], r["question"])) for r in kept]
+    judged = [(r, truth) for r, truth in judged if truth is not None]
+    right = sum(answers_equivalent(r["silver_answer"], truth, r["choices"]) for r, truth in judged)
+    return 100 * right / max(len(judged), 1), len(judged)
+
+
 def accuracy(row, key="accuracy"):
     return 100 * row["eval"]["toyworld"][key]
 
 
-def table(setting, results):
-    """Markdown rows for one setting: per seed the accuracy at every iteration and the final gain."""
+def table(out, setting, results):
+    """Markdown rows for one setting: per seed the greedy accuracy at every iteration, the final gains,
+    and the accuracy of the silver labels of the kept questions per iteration (in brackets: how many)."""
     iterations = len(next(iter(results.values())))
     lines = [f"### {setting}", "",
-             "| seed | " + " | ".join(f"iter {i}" for i in range(iterations)) + " | gain | pass@1 gain | maj@k gain |",
-             "|---" * (iterations + 4) + "|"]
+             "| seed | " + " | ".join(f"iter {i}" for i in range(iterations)) + " | gain | pass@1 gain | maj@k gain | "
+             + " | ".join(f"silver acc v{i}" for i in range(1, iterations)) + " |",
+             "|---" * (2 * iterations + 3) + "|"]
     gains = []
     for seed, rows in results.items():
         gain = accuracy(rows[-1]) - accuracy(rows[0])
@@ -71,7 +94,8 @@ def table(setting, results):
         sampled = [accuracy(rows[-1], k) - accuracy(rows[0], k) if k in rows[0]["eval"]["toyworld"] else float("nan")
                    for k in ("pass@1", "majority@k")]
         lines.append(f"| {seed} | " + " | ".join(f"{accuracy(r):.1f}" for r in rows) +
-                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} |")
+                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} | " +
+                     " | ".join("%.1f (%d)" % silver_accuracy(out, seed, setting, i) for i in range(1, iterations)) + " |")
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
     lines += ["", f"mean gain {statistics.mean(gains):+.1f} points (std {spread:.1f}, min {min(gains):+.1f}, "
                   f"max {max(gains):+.1f}) over {len(gains)} seeds", ""]
@@ -91,7 +115,7 @@ def main():
             everything.setdefault(setting, {})[seed] = run(args.out, seed, setting, args.set)
     report = {}
     for setting, results in everything.items():
-        text, gains = table(setting, results)
+        text, gains = table(args.out, setting, results)
         print(text)
         report[setting] = {"gains": gains, "rows": results}
     with open(os.path.join(args.out, "claim.json"), "w") as f:
