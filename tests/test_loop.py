@@ -109,3 +109,20 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     bad.write_text("questioner:\n  stepz: 3\n")
     with pytest.raises(SystemExit, match="questioner.stepz"):
         visplay.main(["--config", str(bad)])
+
+
+def test_final_table_reports_every_iteration_and_category():
+    """The printed table, on two hand-written summary rows: accuracy, pass@1, majority@k in %, the
+    question statistics ('-' where the base has none), and one accuracy row per iteration per category."""
+    rows = [{"iteration": 0, "eval": {"toy": {"accuracy": 0.5, "pass@1": 0.25, "majority@k": 0.375,
+                                              "by_category": {"count": 0.5, "exists": 0.5}}}},
+            {"iteration": 1, "kept": 7, "kept_confidence_mean": 0.55, "invalid_rate": 0.125, "distinct_ratio": 0.75,
+             "mean_pairwise_bleu": 0.2, "eval": {"toy": {"accuracy": 0.625, "pass@1": 0.5, "majority@k": 0.5,
+                                                         "by_category": {"count": 0.75, "exists": 0.5}}}}]
+    lines = visplay.format_summary(rows).splitlines()
+    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | kept | mean p kept | invalid | distinct "
+                        "| pairwise BLEU |")
+    assert lines[2] == "| 0 | 50.0 | 25.0 | 37.5 | - | - | - | - | - |"
+    assert lines[3] == "| 1 | 62.5 | 50.0 | 50.0 | 7 | 0.55 | 0.12 | 0.75 | 0.20 |"
+    assert lines[-3:] == ["|---|---|---|", "| 0 | 50.0 | 50.0 |", "| 1 | 75.0 | 50.0 |"]
+    assert "| iteration | count | exists |" in lines
