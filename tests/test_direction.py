@@ -3,7 +3,6 @@ uncertainty of the frozen reasoner - diversity penalty, -1 when unparsable) rais
 and a few reasoner steps raise its agreement with the silver labels. The same runs with the advantage's
 sign flipped move the other way, so a broken reward sign or advantage cannot pass."""
 
-import json
 import os
 
 import pytest

@@ -1,6 +1,5 @@
 """The embedded toy world: scenes and answers, splits, label-blindness of the loop, reward directions."""
 
-import json
 import os
 import random
 import shutil
