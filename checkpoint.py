@@ -8,7 +8,7 @@ A stage saves every `save_every` steps into
 written as `step_000010.tmp` and renamed by rank 0 once every rank has finished writing: a folder
 without `.tmp` is complete, so a run killed mid-write (even by SIGKILL) resumes from the previous
 checkpoint and never reads a torn one. Everything random in a step derives from (seed, stage, step)
-(`visplay.seed_for`), so model + optimizer + step number reproduce the uninterrupted run; the RNG
+(`run.seed_for`), so model + optimizer + step number reproduce the uninterrupted run; the RNG
 states are restored as well for code that draws from the global generators.
 """
 
@@ -55,7 +55,7 @@ def latest(folder):
     return step, os.path.join(folder, f"step_{step:06d}")
 
 
-def save(folder, step, model, optimizer, meta=None, keep=1):
+def save(folder, step, model, optimizer, keep=1):
     """Checkpoint after `step` completed steps: all ranks call this together. Keeps the newest `keep`."""
     final = os.path.join(folder, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -71,7 +71,7 @@ def save(folder, step, model, optimizer, meta=None, keep=1):
     distributed.barrier()
     if distributed.is_main():
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "world_size": distributed.world_size(), **(meta or {})}, f)
+            json.dump({"step": step, "world_size": distributed.world_size()}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for name in sorted(os.listdir(folder)):

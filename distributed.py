@@ -55,23 +55,16 @@ def all_gather_list(local):
     return [x for part in parts for x in part]
 
 
-def broadcast_object(value):
-    """Rank 0's `value` on every rank."""
-    if not active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_reduce_sum(value):
-    """Sum of a float over ranks (a Python float in, a Python float out)."""
-    if not active():
-        return float(value)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item()
+def all_reduce_sum(values):
+    """Sums over ranks, in one collective: a float in, a float out; a list of floats in, a list out."""
+    single = not isinstance(values, (list, tuple))
+    values = [float(v) for v in ([values] if single else values)]
+    if active():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        values = tensor.tolist()
+    return values[0] if single else values
 
 
 def my_share(count):

@@ -351,10 +351,10 @@ def score_rollout(policy, reference, prompts, rollout, advantages, tokens, cfg):
                                            cfg.logprob_chunk)[0])
     old = torch.cat(old)
     mask = rollout.completion_mask.to(old.device)
-    entropy_sum = distributed.all_reduce_sum((torch.cat(entropy) * mask).sum().item())
+    entropy_sum, tokens_sum = distributed.all_reduce_sum([(torch.cat(entropy) * mask).sum().item(),
+                                                         mask.sum().item()])
     mismatch = ((old - rollout.logprobs.to(old.device)).abs() * mask).max().item()
-    stats = {"entropy": entropy_sum / distributed.all_reduce_sum(mask.sum().item()),
-             "logprob_mismatch": max(distributed.all_gather_list([mismatch]))}
+    stats = {"entropy": entropy_sum / tokens_sum, "logprob_mismatch": max(distributed.all_gather_list([mismatch]))}
     return Experience(prompts, rollout, advantages.to(old.device), old, torch.cat(ref) if ref else None), stats
 
 
@@ -372,7 +372,8 @@ def clip_grad_norm(params, max_norm):
     caller skips that step).
     """
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    squares = sum(g.detach().float().pow(2).sum().item() for g in grads)
+    # one device sync for all tensors (not one per tensor); summed in Python floats as before
+    squares = sum(torch.stack([g.detach().float().pow(2).sum() for g in grads]).tolist()) if grads else 0.0
     norm = math.sqrt(distributed.all_reduce_sum(squares))
     if math.isfinite(norm) and norm > max_norm:
         for g in grads:
@@ -400,8 +401,8 @@ def grpo_update(policy, optimizer, exp, tokens, cfg):
     policy.train()
     for u in range(cfg.updates_per_step):
         lo, hi = u * per_update, (u + 1) * per_update
-        num_tokens = distributed.all_reduce_sum(exp.rollout.completion_mask[lo:hi].sum().item())
-        num_sequences = distributed.all_reduce_sum(hi - lo)
+        num_tokens, num_sequences = distributed.all_reduce_sum([exp.rollout.completion_mask[lo:hi].sum().item(),
+                                                                hi - lo])
         optimizer.zero_grad(set_to_none=True)
         for s in range(lo, hi, cfg.micro_batch_size):
             idx = slice(s, min(s + cfg.micro_batch_size, hi))
@@ -434,7 +435,7 @@ def grpo_update(policy, optimizer, exp, tokens, cfg):
         optimizer.zero_grad(set_to_none=True)
     policy.eval()
     # Each rank's losses are its shares of the global mini-batch losses: sums over ranks are global.
-    sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
+    sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values()))))
     tokens_seen = max(total_tokens, 1.0)
     finite = [g for g in grad_norms if math.isfinite(g)]
     return {"loss": sums["loss"] / cfg.updates_per_step, "kl": sums["kl"] / tokens_seen,
@@ -453,12 +454,11 @@ def train_step(policy, reference, optimizer, prompts, rollout, rewards, tokens, 
     exp, stats = score_rollout(policy, reference, prompts, rollout, advantages, tokens, cfg)
     metrics = grpo_update(policy, optimizer, exp, tokens, cfg)
     metrics.update(stats)
-    every = {name: torch.tensor(distributed.all_gather_list(values.tolist())) for name, values in
-             (("reward", rewards.float()), ("advantage", advantages), ("length", rollout.completion_mask.sum(-1)))}
-    metrics.update({"reward_mean": every["reward"].mean().item(), "reward_std": every["reward"].std().item(),
-                    "advantage_std": every["advantage"].std().item(),
-                    "response_length_mean": every["length"].float().mean().item(),
-                    "response_length_max": every["length"].max().item(),
+    rows = zip(rewards.float().tolist(), advantages.tolist(), rollout.completion_mask.sum(-1).float().tolist())
+    reward, advantage, length = torch.tensor(distributed.all_gather_list(rows)).T  # every rank's rows
+    metrics.update({"reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+                    "advantage_std": advantage.std().item(), "response_length_mean": length.mean().item(),
+                    "response_length_max": int(length.max().item()),
                     "seconds_training": time.perf_counter() - started})
     return metrics
 

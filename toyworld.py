@@ -17,9 +17,9 @@ folder and never a label file (none is written for the pool).
 """
 
 import logging
-import re
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -63,8 +63,8 @@ class Scene:
     things: list
 
     def render(self):
-        return render_shapes([(t.shape, t.color, t.row, t.col, SHAPE_SCALE[t.shape]) for t in self.things], self.rows, self.cols,
-                             background=BACKGROUND)
+        return render_shapes([(t.shape, t.color, t.row, t.col, SHAPE_SCALE[t.shape]) for t in self.things],
+                             self.rows, self.cols, background=BACKGROUND)
 
 
 def random_scene(rng, rows, cols, min_things, max_things):
@@ -291,7 +291,8 @@ def pretrain(model, processor, world, base, seed):
     if base.freeze_vision:
         for part in (model.model.visual.patch_embed, model.model.visual.blocks):
             part.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base.lr, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=base.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, base.lr, total_steps=base.steps, pct_start=0.1)
     rng = random.Random(seed)
     losses = []
@@ -308,7 +309,7 @@ def pretrain(model, processor, world, base, seed):
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())

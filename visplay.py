@@ -99,8 +99,9 @@ def answer_votes(solver, processor, images, questions, choices, samples, samplin
 
 def step_diversity_penalty(local_questions, threshold):
     """Diversity penalty of this rank's questions, clustered with the questions of EVERY rank."""
-    everyone = distributed.all_gather_list(local_questions)
-    offset = sum(distributed.all_gather_list([len(local_questions)])[:distributed.rank()])
+    per_rank = distributed.all_gather_list([list(local_questions)])
+    offset = sum(len(questions) for questions in per_rank[:distributed.rank()])
+    everyone = [q for questions in per_rank for q in questions]
     return diversity_penalty(everyone, threshold)[offset:offset + len(local_questions)]
 
 
@@ -135,11 +136,10 @@ def train_questioner(run, iteration, questioner_path, solver_path, out_path):
         rewards = torch.tensor([questioner_reward(q is not None, confidence.get(i), float(penalty[i]),
                                                   qcfg.uncertainty_scale, qcfg.diversity_weight,
                                                   qcfg.invalid_reward) for i, q in enumerate(parsed)])
-        valid_count = distributed.all_reduce_sum(len(valid))
-        extra = {"invalid_rate": 1 - valid_count / distributed.all_reduce_sum(len(parsed)),
-                 "confidence_mean": distributed.all_reduce_sum(sum(confidence.values())) / max(valid_count, 1),
-                 "diversity_penalty_mean": distributed.all_reduce_sum(float(penalty.sum())) /
-                 distributed.all_reduce_sum(len(parsed)),
+        valid_count, count, confidence_sum, penalty_sum = distributed.all_reduce_sum(
+            [len(valid), len(parsed), sum(confidence.values()), float(penalty.sum())])
+        extra = {"invalid_rate": 1 - valid_count / count, "confidence_mean": confidence_sum / max(valid_count, 1),
+                 "diversity_penalty_mean": penalty_sum / count,
                  "seconds_sampling": seconds_sampling, "seconds_scoring": timer.lap()}
         return prompts, result, rewards, extra
 
@@ -154,11 +154,12 @@ def generate_questions(run, iteration, questioner_path, out_path):
     sampling = Sampling(gcfg.temperature, gcfg.top_p, 0, gcfg.max_new_tokens)
 
     def work(chunk):
-        indices = [i for i in range(chunk * gcfg.batch_size, min((chunk + 1) * gcfg.batch_size, len(run.pool)))
-                   if run.pool.load(i) is not None]
+        loaded = [(i, run.pool.load(i)) for i in range(chunk * gcfg.batch_size,
+                                                         min((chunk + 1) * gcfg.batch_size, len(run.pool)))]
+        indices = [i for i, image in loaded if image is not None]
         if not indices:
             return []
-        prompts = [questioner_prompt(processor, run.pool.load(i)) for i in indices]
+        prompts = [questioner_prompt(processor, image) for _, image in loaded if image is not None]
         result = rollout(model, prompts, gcfg.questions_per_image, sampling, tokens, gcfg.batch_size,
                          run.generator(iteration, "generate", chunk))
         rows = []
@@ -329,7 +330,6 @@ def run_loop(cfg):
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)
     if distributed.is_main():
-        write_jsonl(run.path("summary.jsonl"), summaries)
         log.info("done in %.1f s", time.perf_counter() - started)
         print(format_summary(summaries))
     return summaries
