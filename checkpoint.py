@@ -10,6 +10,8 @@ without `.tmp` is complete, so a run killed mid-write (even by SIGKILL) resumes 
 checkpoint and never reads a torn one. Everything random in a step derives from (seed, stage, step)
 (`run.seed_for`), so model + optimizer + step number reproduce the uninterrupted run; the RNG
 states are restored as well for code that draws from the global generators.
+The temporary folder is shared by every rank, so it is made and renamed by rank 0 around the
+ranks' writes (`data.move_into_place`) rather than with `data.atomic_path`.
 """
 
 import json
@@ -26,12 +28,14 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import distributed
+from data import move_into_place
 
 _STEP = re.compile(r"^step_(\d+)$")
 
 
 def _rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
@@ -44,7 +48,8 @@ def _set_rng_states(states):
 
 
 def latest(folder):
-    """(step, path) of the newest complete checkpoint in `folder`, or None. Ignores `.tmp` folders."""
+    """(step, path) of the newest complete checkpoint in `folder`, or None. Ignores `.tmp`
+    folders and folders without meta.json."""
     if not os.path.isdir(folder):
         return None
     steps = [int(m.group(1)) for name in os.listdir(folder) if (m := _STEP.match(name))
@@ -55,16 +60,18 @@ def latest(folder):
     return step, os.path.join(folder, f"step_{step:06d}")
 
 
-def save(folder, step, model, optimizer, keep=1):
-    """Checkpoint after `step` completed steps: all ranks call this together. Keeps the newest `keep`."""
+def save(folder, step, model, optimizer, *, keep=1):
+    """Checkpoint after `step` completed steps: all ranks call this together. Keeps the newest
+    `keep` checkpoints."""
     final = os.path.join(folder, f"step_{step:06d}")
     tmp = final + ".tmp"
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     distributed.barrier()
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    with warnings.catch_warnings():  # DCP warns that a single-process run is not distributed: that is fine
+    state = {"model": get_model_state_dict(model),
+             "optimizer": get_optimizer_state_dict(model, optimizer)}
+    with warnings.catch_warnings():  # DCP warns that one process is not distributed: that is fine
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=tmp)
     torch.save(_rng_states(), os.path.join(tmp, f"rng_rank{distributed.rank()}.pt"))
@@ -72,8 +79,7 @@ def save(folder, step, model, optimizer, keep=1):
     if distributed.is_main():
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": step, "world_size": distributed.world_size()}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)
         for name in sorted(os.listdir(folder)):
             m = _STEP.match(name)
             if m and int(m.group(1)) < step - keep + 1 or name.endswith(".tmp"):
@@ -82,17 +88,21 @@ def save(folder, step, model, optimizer, keep=1):
 
 
 def load(path, model, optimizer):
-    """Restore model, optimizer and this rank's RNG states from a checkpoint folder; returns its meta."""
+    """Restore model, optimizer and this rank's RNG states from a checkpoint folder; returns its
+    meta."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model),
+             "optimizer": get_optimizer_state_dict(model, optimizer)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)  # DCP reshards, so another number of processes can resume too
+        # DCP reshards, so another number of processes can resume too
+        dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if meta["world_size"] == distributed.world_size():
-        _set_rng_states(torch.load(os.path.join(path, f"rng_rank{distributed.rank()}.pt"), weights_only=False))
+        rng_path = os.path.join(path, f"rng_rank{distributed.rank()}.pt")
+        _set_rng_states(torch.load(rng_path, weights_only=False))
     return meta
 
 

@@ -1,8 +1,8 @@
-"""Every knob of a VisPlay run, as typed dataclasses, loaded from YAML with `--set key=value` overrides.
+"""Every knob of a VisPlay run, as typed dataclasses, loaded from YAML with `--set key=value`.
 
 `config.yaml` documents each knob; this module only declares their types and defaults (the paper's
-settings, SPEC section 4) and checks them. Unknown keys and bad values stop the run with a message
-that names the key and says what is accepted.
+settings: README, "One GRPO step") and checks them. Unknown keys and bad values stop the run with a
+message that starts with the key and says what is accepted.
 """
 
 import dataclasses
@@ -15,29 +15,29 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    path: str | None = None           # local save_pretrained folder; None: the embedded default (toy world)
+    path: str | None = None           # local save_pretrained folder; None: the embedded default
     dtype: str = "float32"            # float32 | bfloat16 (bfloat16 on GPUs)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    min_pixels: int = 512 * 512       # images are resized to a multiple of 28 with this many pixels at least
-    max_pixels: int = 2048 * 2048     # ... and at most
+    min_pixels: int = 512 * 512       # images are resized to sides multiple of 28, at least this
+    max_pixels: int = 2048 * 2048     # many pixels and at most this many
     freeze_vision: bool = False       # keep the vision tower fixed during both GRPO stages
-    cpu_offload: bool = False         # torchrun: sharded weights, gradients, optimizer state in CPU memory
+    cpu_offload: bool = False         # torchrun: sharded weights, gradients, optimizer state in CPU
     activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass
 class DataConfig:
-    images: str | None = None         # folder (recursive) or JSONL manifest of unlabeled images; None: embedded
-    max_images: int | None = None     # use at most this many (the released code silently used 1000); None: all
+    images: str | None = None         # folder (recursive) or JSONL manifest; None: embedded pool
+    max_images: int | None = None     # at most this many (the released code used 1000); None: all
 
 
 @dataclass
 class StageConfig:
-    """GRPO settings of one role's training stage (SPEC section 4)."""
+    """GRPO settings of one role's training stage (README, steps 1 and 4, "One GRPO step")."""
     steps: int = 20                   # GRPO steps (rollout batches) per stage and iteration
     prompts_per_step: int = 512       # prompts (images or questions) per rollout batch
     group_size: int = 8               # G rollouts per prompt
-    updates_per_step: int = 4         # optimizer updates per rollout batch (global batch = prompts/updates)
+    updates_per_step: int = 4         # optimizer updates per rollout batch
     micro_batch_size: int = 8         # sequences per forward/backward (gradient accumulation)
     rollout_batch_size: int = 64      # prompts prefilled together while sampling
     temperature: float = 1.0
@@ -60,11 +60,11 @@ class StageConfig:
 class QuestionerConfig(StageConfig):
     prompts_per_step: int = 512
     max_new_tokens: int = 256
-    answer_samples: int = 10          # m: answers of the frozen reasoner per question -> confidence p
+    answer_samples: int = 10          # m: frozen reasoner's answers per question -> confidence p
     answer_temperature: float = 1.0
     answer_top_p: float = 0.99
     answer_max_new_tokens: int = 512
-    uncertainty_scale: float = 1.0    # 1: paper's 1 - 2|p - 1/2|; 0.5: released code's min(p, 1 - p)
+    uncertainty_scale: float = 1.0    # 1: paper's 1 - 2|p - 1/2|; 0.5: released min(p, 1 - p)
     diversity_weight: float = 1.0     # weight of the BLEU-cluster penalty
     diversity_threshold: float = 0.5  # average-linkage distance threshold (distance = 1 - BLEU)
     invalid_reward: float = -1.0      # reward of an unparsable question
@@ -98,11 +98,12 @@ class LabelingConfig:
 
 @dataclass
 class EvalConfig:
-    benchmarks: dict[str, str] = field(default_factory=dict)  # name -> labeled JSONL; {} and embedded: toy world
+    # name -> labeled benchmark file; {} with the embedded default: the toy world's benchmark
+    benchmarks: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int = 1024
     batch_size: int = 32
     max_items: int | None = None      # per benchmark; None: all
-    samples: int = 0                  # k sampled answers per item for pass@1 / majority@k; 0: greedy only
+    samples: int = 0                  # k sampled answers per item for pass@1 / majority@k; 0: none
 
 
 @dataclass
@@ -126,7 +127,8 @@ class ConfigError(ValueError):
 
 
 def _coerce(value, kind, key):
-    """Check `value` against the annotation `kind`; return it converted (int -> float where allowed)."""
+    """Check `value` against the annotation `kind`; return it converted (int -> float where
+    allowed)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -151,18 +153,21 @@ def _coerce(value, kind, key):
     if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     if not isinstance(value, kind):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
     return value
 
 
 def _build(cls, data, prefix):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, "
+                          f"got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; accepted keys here: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; accepted keys here: "
+                          f"{', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -174,7 +179,7 @@ def _build(cls, data, prefix):
 
 
 def _check(cfg):
-    """Value checks that types cannot express."""
+    """Value checks that types cannot express; each message names the key that is wrong."""
     def need(ok, key, what):
         if not ok:
             raise ConfigError(f"{key}: {what}")
@@ -182,40 +187,72 @@ def _check(cfg):
     need(cfg.iterations >= 1, "iterations", "must be >= 1")
     need(cfg.save_every >= 0, "save_every", "must be >= 0 (0: no checkpoints inside a stage)")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-    need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
-    need(0 < cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels",
-         "must be positive and <= model.max_pixels")
+    model = cfg.model
+    need(model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    need(model.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+         "model.attn_implementation", "must be sdpa, eager or flash_attention_2")
+    need(model.min_pixels > 0, "model.min_pixels", "must be > 0")
+    need(model.min_pixels <= model.max_pixels, "model.min_pixels",
+         f"must be <= model.max_pixels ({model.max_pixels})")
+    need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images",
+         "must be >= 1 or null")
     for role in ("questioner", "reasoner"):
-        s = getattr(cfg, role)
-        need(s.steps >= 0, f"{role}.steps", "must be >= 0 (0: the role is not trained, e.g. an ablation)")
-        for name in ("prompts_per_step", "updates_per_step", "micro_batch_size", "rollout_batch_size",
-                     "max_new_tokens", "logprob_chunk"):
-            need(getattr(s, name) >= 1, f"{role}.{name}", "must be >= 1")
-        need(s.group_size >= 2, f"{role}.group_size", "must be >= 2 (advantages are normalised within a group)")
-        need(s.prompts_per_step % s.updates_per_step == 0, f"{role}.updates_per_step",
-             f"must divide {role}.prompts_per_step ({s.prompts_per_step})")
-        need(s.temperature > 0, f"{role}.temperature", "must be > 0 for GRPO rollouts")
-        need(0 < s.top_p <= 1, f"{role}.top_p", "must be in (0, 1]")
-        need(s.top_k >= 0, f"{role}.top_k", "must be >= 0 (0 turns it off)")
-        need(s.eps_low >= 0 and s.eps_high >= 0, f"{role}.eps_low", "clip ranges must be >= 0")
-        need(s.dual_clip == 0 or s.dual_clip > 1, f"{role}.dual_clip", "must be 0 (off) or > 1")
-        need(s.kl_coef >= 0 and s.lr >= 0 and s.grad_clip > 0, f"{role}.kl_coef",
-             "kl_coef and lr must be >= 0, grad_clip > 0")
-        need(s.loss_agg in ("token-mean", "seq-mean-token-mean"), f"{role}.loss_agg",
+        stage = getattr(cfg, role)
+        need(stage.steps >= 0, f"{role}.steps",
+             "must be >= 0 (0: the role is not trained, e.g. an ablation)")
+        for name in ("prompts_per_step", "updates_per_step", "micro_batch_size",
+                     "rollout_batch_size", "max_new_tokens", "logprob_chunk"):
+            need(getattr(stage, name) >= 1, f"{role}.{name}", "must be >= 1")
+        need(stage.group_size >= 2, f"{role}.group_size",
+             "must be >= 2 (advantages are normalised within a group)")
+        need(stage.prompts_per_step % stage.updates_per_step == 0, f"{role}.updates_per_step",
+             f"must divide {role}.prompts_per_step ({stage.prompts_per_step})")
+        need(stage.temperature > 0, f"{role}.temperature", "must be > 0 for GRPO rollouts")
+        need(0 < stage.top_p <= 1, f"{role}.top_p", "must be in (0, 1]")
+        need(stage.top_k >= 0, f"{role}.top_k", "must be >= 0 (0 turns it off)")
+        need(stage.lr >= 0, f"{role}.lr", "must be >= 0")
+        need(stage.weight_decay >= 0, f"{role}.weight_decay", "must be >= 0")
+        need(len(stage.betas) == 2 and all(0 <= b < 1 for b in stage.betas), f"{role}.betas",
+             "must be two numbers in [0, 1)")
+        need(stage.grad_clip > 0, f"{role}.grad_clip", "must be > 0")
+        need(stage.eps_low >= 0, f"{role}.eps_low", "must be >= 0")
+        need(stage.eps_high >= 0, f"{role}.eps_high", "must be >= 0")
+        need(stage.dual_clip == 0 or stage.dual_clip > 1, f"{role}.dual_clip",
+             "must be 0 (off) or > 1")
+        need(stage.kl_coef >= 0, f"{role}.kl_coef", "must be >= 0 (0: no reference model)")
+        need(stage.loss_agg in ("token-mean", "seq-mean-token-mean"), f"{role}.loss_agg",
              "must be token-mean or seq-mean-token-mean")
-        need(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), f"{role}.betas", "must be two numbers in [0, 1)")
-    q = cfg.questioner
-    need(q.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
-    need(q.answer_temperature > 0 and 0 < q.answer_top_p <= 1, "questioner.answer_temperature",
-         "answer sampling needs temperature > 0 and top_p in (0, 1]")
-    need(0 < q.diversity_threshold <= 1, "questioner.diversity_threshold", "must be in (0, 1]")
-    lab, gen = cfg.labeling, cfg.generation
-    need(0 <= lab.p_low <= lab.p_high <= 1, "labeling.p_low", "need 0 <= p_low <= p_high <= 1")
-    need(lab.answers_per_question >= 1 and gen.questions_per_image >= 1, "labeling.answers_per_question",
-         "answers_per_question and generation.questions_per_image must be >= 1")
-    need(lab.temperature > 0 and gen.temperature > 0, "labeling.temperature", "sampling temperatures must be > 0")
-    need(0 < lab.top_p <= 1 and 0 < gen.top_p <= 1, "labeling.top_p", "top_p must be in (0, 1]")
-    need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images", "must be >= 1 or null")
+    questioner = cfg.questioner
+    need(questioner.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
+    need(questioner.answer_temperature > 0, "questioner.answer_temperature", "must be > 0")
+    need(0 < questioner.answer_top_p <= 1, "questioner.answer_top_p", "must be in (0, 1]")
+    need(questioner.answer_max_new_tokens >= 1, "questioner.answer_max_new_tokens",
+         "must be >= 1")
+    need(questioner.diversity_weight >= 0, "questioner.diversity_weight", "must be >= 0")
+    need(0 < questioner.diversity_threshold <= 1, "questioner.diversity_threshold",
+         "must be in (0, 1]")
+    generation = cfg.generation
+    need(generation.questions_per_image >= 1, "generation.questions_per_image", "must be >= 1")
+    need(generation.temperature > 0, "generation.temperature", "must be > 0")
+    need(0 < generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+    need(generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    need(generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
+    labeling = cfg.labeling
+    need(labeling.answers_per_question >= 1, "labeling.answers_per_question", "must be >= 1")
+    need(labeling.temperature > 0, "labeling.temperature", "must be > 0")
+    need(0 < labeling.top_p <= 1, "labeling.top_p", "must be in (0, 1]")
+    need(labeling.max_new_tokens >= 1, "labeling.max_new_tokens", "must be >= 1")
+    need(labeling.batch_size >= 1, "labeling.batch_size", "must be >= 1")
+    need(0 <= labeling.p_low <= 1, "labeling.p_low", "must be in [0, 1]")
+    need(0 <= labeling.p_high <= 1, "labeling.p_high", "must be in [0, 1]")
+    need(labeling.p_low <= labeling.p_high, "labeling.p_low",
+         f"must be <= labeling.p_high ({labeling.p_high})")
+    evaluation = cfg.eval
+    need(evaluation.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    need(evaluation.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(evaluation.max_items is None or evaluation.max_items >= 1, "eval.max_items",
+         "must be >= 1 or null")
+    need(evaluation.samples >= 0, "eval.samples", "must be >= 0 (0: greedy only)")
     return cfg
 
 
@@ -224,7 +261,12 @@ def parse_override(text):
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. questioner.lr=1e-5")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: "
+                          f"{' '.join(str(error).split())}") from None
+    return key.strip().split("."), value
 
 
 def load_config(path=None, overrides=()):
@@ -237,7 +279,8 @@ def load_config(path=None, overrides=()):
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} not found") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            where = " ".join(str(error).split())  # one line: the problem and its line, column
+            raise ConfigError(f"{path}: not valid YAML: {where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     for text in overrides:

@@ -1,19 +1,22 @@
-"""Unlabeled images in, generated question sets out.
+"""Files on disk: unlabeled images in; JSONL rows and folders out, written atomically.
 
 - Images come from a folder (searched recursively) or a JSONL manifest (one {"image": path} per
   line, paths relative to the manifest). They are converted to RGB and resized so their pixel count
   lies in [min_pixels, max_pixels] with sides a multiple of 28 (Qwen's patch 14 x merge 2).
   A corrupt image is skipped, logged and counted, never fatal.
-- `render_shapes` draws coloured shapes on a grid: tests and the embedded default need no files.
-- Question sets (generated, labeled, kept) are JSONL files a person can open; rows point at images by
-  path and index, never embed pixels. Writes are atomic (temporary file, then rename).
+- Question sets (generated, labeled, kept) are JSONL files a person can open; rows point at images
+  by path and index, never embed pixels.
+- `atomic_path`: every file and folder a run writes is written under a temporary name and renamed
+  into place, so one that exists is complete (the run loop resumes on that fact).
 """
 
 import json
 import logging
 import os
+import shutil
+from contextlib import contextmanager
 
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 log = logging.getLogger("visplay")
@@ -22,23 +25,29 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 PATCH_FACTOR = 28  # patch 14 x spatial merge 2: image sides must be multiples of this
 
 
+# ----------------------------------------------------------------------------
+# Images
+
+
 def list_images(source):
     """Absolute paths of the images of a folder (recursive, sorted) or of a JSONL manifest."""
     if source is None or not os.path.exists(source):
-        raise FileNotFoundError(f"image source {source!r} does not exist: give a folder of images or a "
-                                f".jsonl manifest with one {{\"image\": path}} per line (data.images)")
+        raise FileNotFoundError(f"image source {source!r} does not exist: give a folder of images "
+                                "or a .jsonl manifest with one {\"image\": path} per line")
     if os.path.isdir(source):
         source = os.path.abspath(source)
-        paths = sorted(os.path.join(root, name) for root, _, names in os.walk(source) for name in names
-                       if name.lower().endswith(IMAGE_EXTENSIONS))
+        paths = sorted(os.path.join(root, name) for root, _, names in os.walk(source)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
         if not paths:
-            raise ValueError(f"no images under {source!r}: looked for files ending in {', '.join(IMAGE_EXTENSIONS)}")
+            raise ValueError(f"no images under {source!r}: looked for files ending in "
+                             f"{', '.join(IMAGE_EXTENSIONS)}")
         return paths
     base = os.path.dirname(os.path.abspath(source))
     paths = []
     for number, row in iter_jsonl(source):
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-            raise ValueError(f"{source}:{number}: expected a string field \"image\" (a path), got {row!r}")
+            raise ValueError(f"{source}:{number}: expected a string field \"image\" (a path), "
+                             f"got {row!r}")
         paths.append(os.path.join(base, row["image"]))
     if not paths:
         raise ValueError(f"manifest {source!r} lists no images")
@@ -46,7 +55,7 @@ def list_images(source):
 
 
 def fit_pixels(image, min_pixels, max_pixels):
-    """RGB copy of `image` resized (aspect kept) to sides multiple of 28 and area in [min, max] pixels."""
+    """RGB copy of `image` resized (aspect kept) to sides multiple of 28 and area in [min, max]."""
     image = image.convert("RGB")
     height, width = smart_resize(image.height, image.width, PATCH_FACTOR, min_pixels, max_pixels)
     while height * width > max_pixels and max(height, width) > PATCH_FACTOR:
@@ -61,7 +70,10 @@ def fit_pixels(image, min_pixels, max_pixels):
 
 
 def load_image(path, min_pixels, max_pixels):
-    """Open an image (first frame of a GIF), RGB, resized by `fit_pixels`. Raises ValueError if unreadable."""
+    """Open an image (first frame of a GIF), RGB, resized by `fit_pixels`.
+
+    Raises ValueError, naming the file, if it cannot be read.
+    """
     try:
         with Image.open(path) as image:
             image.seek(0)
@@ -93,37 +105,27 @@ class ImagePool:
             log.warning("skipping image %d: %s (%d unreadable so far)", index, error, len(self.bad))
             return None
 
+    def load_many(self, indices):
+        """The images at `indices`; an unreadable one is replaced by the next readable one."""
+        images = []
+        for index in indices:
+            for offset in range(len(self)):
+                image = self.load((index + offset) % len(self))
+                if image is not None:
+                    images.append(image)
+                    break
+            else:
+                raise RuntimeError(f"no readable image in the pool ({len(self.bad)} unreadable)")
+        return images
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
 
-
-def render_shapes(objects, rows, cols, cell=28, background=(245, 245, 245)):
-    """Draw objects on a rows x cols grid of `cell`-pixel cells.
-
-    objects: iterable of (shape, colour, row, col, scale) with shape in SHAPES, colour in COLORS,
-    scale in (0, 1] the fraction of the cell the shape spans. Returns a PIL RGB image.
-    """
-    image = Image.new("RGB", (cols * cell, rows * cell), background)
-    draw = ImageDraw.Draw(image)
-    for shape, colour, row, col, scale in objects:
-        half = cell * scale / 2
-        cx, cy = col * cell + cell / 2, row * cell + cell / 2
-        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
-        fill = COLORS[colour]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
-        else:
-            raise ValueError(f"unknown shape {shape!r}; shapes are {SHAPES}")
-    return image
+# ----------------------------------------------------------------------------
+# JSONL rows
 
 
 def iter_jsonl(path):
-    """(line number, row) of each non-blank line; a malformed line raises ValueError naming file and line."""
+    """(line number, row) of each non-blank line; a malformed line raises ValueError naming file
+    and line."""
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -140,21 +142,71 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    """Write rows atomically: a reader sees the old file or the whole new one, never a torn one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    """Write rows, one JSON object per line, atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path, value):
-    """Atomic JSON write (temporary file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    """Write one JSON value, indented, atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextmanager
+def atomic_path(path):
+    """Write a file or a folder at `path` so that a reader sees the old one or the whole new one.
+
+        with atomic_path("questions_v1.jsonl") as tmp:
+            ...  # write the file (or make and fill the folder) `tmp`
+
+    `tmp` is `path` + ".tmp" (a stale one from a killed run is removed first). When the block ends
+    normally, `move_into_place` renames it to `path`; when it raises, `tmp` is removed and `path`
+    is left as it was.
+    """
+    path = os.path.normpath(path)
+    tmp = path + ".tmp"
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    move_into_place(tmp, path)
+
+
+def move_into_place(tmp, path):
+    """Rename a finished file or folder `tmp` to `path`, replacing what is there.
+
+    A file is fsynced first, so a power loss cannot leave a renamed but empty file. A folder that
+    already exists at `path` is first moved aside to `path.old` (a folder cannot be renamed over a
+    non-empty one), then deleted.
+    """
+    path = os.path.normpath(path)
+    if os.path.isfile(tmp):
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    if os.path.isdir(tmp) and os.path.exists(path):
+        old = path + ".old"
+        _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(path):
+    """Delete a file or a folder if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)

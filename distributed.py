@@ -1,4 +1,4 @@
-"""torch.distributed for `torchrun`: ranks, gathers and rank-0 work.
+"""torch.distributed for `torchrun`: ranks, collectives, each rank's share, and FSDP2 sharding.
 
     torchrun --nproc_per_node 8 visplay.py --config ...                     # one node, 8 GPUs
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 \\
@@ -6,9 +6,16 @@
 
 Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and every function here is the
 single-process identity, so the same code runs on a laptop. Backend: NCCL on CUDA, gloo on CPU.
+
+- ranks and collectives: `init`, `rank`, `world_size`, `barrier`, `all_gather_list`,
+  `all_reduce_sum`;
+- work split over ranks: `my_share` (a range of indices), `my_part` (a GRPO step's batch);
+- FSDP2 by hand: `shard_model`, `is_sharded`, `gathered` (whole weights for a rollout).
 """
 
 import os
+import types
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -56,11 +63,14 @@ def all_gather_list(local):
 
 
 def all_reduce_sum(values):
-    """Sums over ranks, in one collective: a float in, a float out; a list of floats in, a list out."""
+    """Sums over ranks, in one collective: a float in, a float out; a list of floats in, a list
+    out."""
     single = not isinstance(values, (list, tuple))
     values = [float(v) for v in ([values] if single else values)]
     if active():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = "cpu"
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         values = tensor.tolist()
@@ -72,3 +82,91 @@ def my_share(count):
     size, extra = divmod(count, world_size())
     start = rank() * size + min(rank(), extra)
     return range(start, start + size + (1 if rank() < extra else 0))
+
+
+def my_part(items, blocks=1):
+    """This rank's share of a batch (all of it in a single-process run).
+
+    The batch is cut into `blocks` consecutive blocks (a GRPO step's mini-batches, one per optimizer
+    update) and the rank takes its contiguous share of each, so every update sees the same global
+    mini-batch whatever the number of processes.
+    """
+    size = len(items) // blocks
+    return [items[b * size + i] for b in range(blocks) for i in my_share(size)]
+
+
+# ----------------------------------------------------------------------------
+# FSDP2 by hand (torchtitan style)
+
+
+def shard_model(model, *, mixed_precision, cpu_offload=False, activation_checkpointing=False,
+                forward_methods=None):
+    """Shard a Qwen-VL model over the process group with FSDP2 (`fully_shard`).
+
+    Units: each vision block and each language decoder layer is its own unit (it all-gathers its
+    weights just before its forward and frees them after, so one layer's full weights are alive at
+    a time), then the root, which keeps what is left: the embeddings, the vision patch embedding and
+    merger, the final norm and lm_head (tied or not).
+
+    mixed_precision: compute in bf16 and reduce gradients in fp32, while the sharded master
+        weights stay in their own dtype (fp32 as `Run.load_model` loads them), so small updates
+        are not rounded away.
+    cpu_offload: sharded parameters, gradients and optimizer state live in CPU memory (they move
+        to the GPU unit by unit): trades speed for GPU memory on big models.
+    activation_checkpointing: every block recomputes its activations in backward, so only block
+        inputs are kept alive: trades a second forward for activation memory on long sequences.
+    forward_methods: {name: function(model, ...)} methods other than `forward` that compute with
+        the model's weights (`grpo.FORWARD_METHODS`, the chunked log-prob forward, which calls the
+        inner model and lm_head directly). They are bound to the model and registered as forwards
+        of the root, so the root's weights are gathered while they run and its gradients reduced.
+
+    Gradients are summed over ranks, not averaged (divide factor 1): `grpo.grpo_update` normalises
+    the loss by totals already summed over ranks.
+    """
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                        fully_shard, register_fsdp_forward_method)
+
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if mixed_precision else MixedPrecisionPolicy())
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        fully_shard(block, mp_policy=precision, offload_policy=offload)
+    fully_shard(model, mp_policy=precision, offload_policy=offload)
+    for name, function in (forward_methods or {}).items():
+        setattr(model, name, types.MethodType(function, model))
+        register_fsdp_forward_method(model, name)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-scaled sum
+    return model
+
+
+def is_sharded(model):
+    """True if `shard_model` sharded this model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gathered(model):
+    """Whole (unsharded) weights on every rank for a rollout: one all-gather per unit up front,
+    none during the hundreds of small decode forwards, which also lets ranks decode different
+    numbers of steps. Resharded on exit. A no-op for an unsharded model."""
+    if not is_sharded(model):
+        yield model
+        return
+    units = [m for m in model.modules() if hasattr(m, "unshard")]
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root

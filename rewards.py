@@ -1,325 +1,20 @@
-"""Rewards of VisPlay's two roles, and the answer matching they rely on.
+"""Rewards of VisPlay's two roles. Pure functions of strings and numbers.
 
-The Questioner writes a question about an image; the Reasoner answers it several
-times. Everything here is a pure function of strings and numbers:
+  Questioner (README, step 1):
+    uncertainty_reward       peaks when the Reasoner's votes split 50/50
+    bleu_distance_matrix,
+    average_linkage_clusters,
+    diversity_penalty        penalises questions that look like the other questions of the step
+    questioner_reward        uncertainty - weight * penalty; an unparsable question gets -1
+  Reasoner (README, step 4):
+    reasoner_reward          0.9 * [boxed answer equals the silver answer] + 0.1 * [boxed]
 
-  answers:     extract_boxed, normalize_answer, answers_equivalent, majority_vote
-               (the majority answer is the "silver answer", its share the "confidence")
-  benchmarks:  extract_answer, infer_answer_type, answer_correct, grade
-               (evaluation only: a lenient extraction when there is no box, and rules per answer type)
-  Questioner:  uncertainty_reward      peaks when the Reasoner is split 50/50
-               sentence_bleu, bleu_distance_matrix, average_linkage_clusters,
-               diversity_penalty       penalises questions that look like the others
-               questioner_reward       uncertainty - weight * penalty
-  Reasoner:    has_boxed_format, reasoner_reward   0.9 * correct + 0.1 * boxed
-
-The same answer matching grades benchmarks, so a rule added here changes both. Training rewards
-and votes read only the last `\\boxed{}`; benchmark grading also accepts an unboxed answer.
+Answer matching (extraction, equivalence, voting) lives in `answers.py`.
 """
-
-import itertools
-import math
-import re
-from collections import Counter
-from fractions import Fraction
-from typing import NamedTuple
 
 import numpy as np
 
-# ----------------------------------------------------------------------------
-# Answer extraction and equivalence
-
-_BOXED = re.compile(r"\\boxed\s*\{")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` in `text`, or None.
-
-    Braces nest (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`); escaped braces `\\{`
-    do not count. A box that never closes is skipped, so an earlier complete
-    box can still be the answer.
-    """
-    answer = None
-    for match in _BOXED.finditer(text):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            if text[i] == "\\":  # skip the escaped character, e.g. \{ or \}
-                i += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            answer = text[match.end():i - 1]
-    return answer
-
-
-class _Canonical(NamedTuple):
-    text: str                 # what normalize_answer returns
-    number: Fraction | None   # exact value when the answer is a number
-    is_percent: bool          # the number was written with a % sign
-
-
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_DELETE = re.compile(r"\\left|\\right|\\displaystyle|\\[!,;: ]|\\\(|\\\)|\\\[|\\\]|\\\$|\$|\*\*")
-_DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
-_LABEL = r"(?:(?:the\s+)?(?:answer|option|choice)(?:\s+is)?\s*:?\s*)?"
-_LETTER_IN_PARENS = re.compile(_LABEL + r"\(([a-z])\)(?:\s.*)?")    # "(b)", "option (b) red"
-_BARE_LETTER = re.compile(_LABEL + r"([a-z])(?:[.:)](?:\s+.*)?)?")   # "b", "b.", "b: red", "option b"
-_OPTION_PREFIX = re.compile(r"\(?([a-z])[.:)]\s+")                   # "a) red" in an option text
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d{1,3})?")  # bounded exponent: 1e99999 stays text
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
-_SLASH = re.compile(r"([+-]?[\d.]+)\s*/\s*([\d.]+)")
-_FRAC = re.compile(r"([+-]?)\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
-_SPACED_UNIT = re.compile(r"(.*?\S)\s+[a-z]+(?:\s+[a-z]+)?(?:\^\{?\d\}?)?")  # "12 cm", "3 red apples", "5 m^2"
-_ATTACHED_UNIT = re.compile(r"(.*?\d)(?:mm|cm|km|m|kg|mg|g|ml|l|s|ms|min|h|ft|in|px)(?:\^\{?\d\}?|\d)?")
-_YES, _NO = {"yes", "true", "correct", "y"}, {"no", "false", "incorrect", "n"}
-
-
-def _parse_number(s: str) -> Fraction | None:
-    """Exact value of an integer, decimal, `a/b` or `\\frac{a}{b}`; None otherwise."""
-    s = s.strip()
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    if _DECIMAL.fullmatch(s):
-        return Fraction(s[:-1] if s.endswith(".") else s)
-    slash, frac = _SLASH.fullmatch(s), _FRAC.fullmatch(s)
-    if slash is None and frac is None:
-        return None
-    sign, top, bottom = ("", *slash.groups()) if slash else frac.groups()
-    numerator, denominator = _parse_number(top.strip("{}")), _parse_number(bottom.strip("{}"))
-    if numerator is None or not denominator:  # not a number, or division by zero
-        return None
-    return -numerator / denominator if sign == "-" else numerator / denominator
-
-
-def _format_number(value: Fraction) -> str:
-    """"3" for integers, else the shortest float repr ("0.5", "0.3333333333333333")."""
-    return str(value.numerator) if value.denominator == 1 else repr(float(value))
-
-
-def _canonical(answer: str, choices: list[str] | None) -> _Canonical:
-    s = extract_boxed(answer)
-    s = answer if s is None else s
-    while (unwrapped := _WRAPPER.sub(r"\1", s)) != s:  # innermost first, so nesting unwraps too
-        s = unwrapped
-    s = _DELETE.sub("", s).replace("−", "-").lower()
-    s = " ".join(s.split())
-    if choices:
-        for pattern in (_LETTER_IN_PARENS, _BARE_LETTER):
-            letter = pattern.fullmatch(s)
-            if letter and ord(letter.group(1)) - ord("a") < len(choices):
-                return _Canonical(letter.group(1), None, False)
-    s = s.lstrip("*\"'` :").rstrip("*\"'` .,;:!?")
-    while len(s) >= 2 and s[0] + s[-1] in ("()", "[]", "{}") and _encloses(s):
-        s = s[1:-1].strip()
-    if re.fullmatch(r"\(?[a-z]\)", s):  # "b)" and "(b)" left unbalanced by the strip above
-        s = s.strip("()")
-    s = _DEGREE.sub("", s).replace("\\%", "%").strip()
-    is_percent = s.endswith("%")
-    s = s.rstrip("%").strip()
-    number = _parse_number(s)
-    if number is None:  # "12 cm", "3 apples", "12cm": drop the unit if a number is left
-        for unit in (_SPACED_UNIT, _ATTACHED_UNIT):
-            if (m := unit.fullmatch(s)) and (number := _parse_number(m.group(1))) is not None:
-                break
-    if number is not None:
-        canonical = _Canonical(_format_number(number), number, is_percent)
-    else:
-        canonical = _Canonical("yes" if s in _YES else "no" if s in _NO else s, None, is_percent)
-    for index, option in enumerate(choices or []):  # the text of an option stands for its letter
-        option = option.strip()
-        prefix = _OPTION_PREFIX.match(option.lower())
-        if prefix and prefix.group(1) == chr(ord("a") + index):  # options written "A. red"
-            option = option[prefix.end():]
-        if _canonical_equal(canonical, _canonical(option, None), False):
-            return _Canonical(chr(ord("a") + index), None, False)
-    return canonical
-
-
-def _encloses(s: str) -> bool:
-    """True if s[0] and s[-1] are one bracket pair: "(1, 2)" yes, "(1)+(2)" no."""
-    depths = itertools.accumulate((ch in "([{") - (ch in ")]}") for ch in s[:-1])
-    return all(depth > 0 for depth in depths)
-
-
-def normalize_answer(answer: str, choices: list[str] | None = None) -> str:
-    """Canonical string form of an answer, so that spellings of one answer agree.
-
-    Unwraps `\\boxed`, `\\text{}`-like wrappers, `$`, `\\( \\)`, `\\left`, `**`;
-    lowercases; strips surrounding punctuation ("(B)", "B." -> "b"), degrees,
-    the % sign, and a unit after a number ("12 cm" -> "12"). Numbers become
-    their value: "1,000" -> "1000", "\\frac{1}{2}" and "1/2" -> "0.5". Yes/no
-    synonyms become "yes"/"no". With `choices` (option texts; index 0 is letter
-    A), a letter ("(B)", "option B", "B: red") or an option's own text maps to
-    that letter, lowercase ("b").
-    """
-    return _canonical(answer, choices).text
-
-
-def _numbers_close(a: Fraction, b: Fraction) -> bool:
-    # Integers exactly (100000 vs 100001 is within 1e-4); others to a relative 1e-4.
-    if a.denominator == 1 and b.denominator == 1:
-        return a == b
-    return abs(a - b) <= max(Fraction(1, 10**4) * max(abs(a), abs(b)), Fraction(1, 10**9))
-
-
-def _canonical_equal(a: _Canonical, b: _Canonical, percent_as_decimal: bool) -> bool:
-    if a.number is not None and b.number is not None:
-        values_a = {a.number} | ({a.number / 100} if percent_as_decimal and a.is_percent else set())
-        values_b = {b.number} | ({b.number / 100} if percent_as_decimal and b.is_percent else set())
-        return any(_numbers_close(x, y) for x in values_a for y in values_b)
-    return a.text != "" and a.text == b.text
-
-
-def answers_equivalent(predicted: str | None, reference: str | None,
-                       choices: list[str] | None = None, percent_as_decimal: bool = False) -> bool:
-    """True if two answers say the same thing, after `normalize_answer`.
-
-    Numbers compare by value ("0.5" == "1/2" == "\\frac{1}{2}"): integers exactly,
-    others within a relative 1e-4 (absolute 1e-9 near zero). "50%" equals "50",
-    and equals "0.5" only with `percent_as_decimal`. Anything else must match as
-    normalised strings. None or blank never equals anything, itself included.
-    """
-    if predicted is None or reference is None or not predicted.strip() or not reference.strip():
-        return False
-    return _canonical_equal(_canonical(predicted, choices), _canonical(reference, choices), percent_as_decimal)
-
-
-def majority_vote(answers: list[str | None], choices: list[str] | None = None) -> tuple[str | None, float]:
-    """Silver answer and confidence from the Reasoner's sampled answers.
-
-    Answers are clustered greedily: each joins the first cluster whose first
-    member (its representative) it is equivalent to, else starts a new one. The
-    largest cluster wins, ties going to the one that started first; returns its
-    representative as given and confidence = cluster size / len(answers).
-
-    Invalid answers (None, or blank after normalisation) count in the
-    denominator but never join or form a cluster, so they can never win; all
-    invalid or no answers -> (None, 0.0). The released code stored a failed
-    extraction as the string "None", which could win the vote; here extraction
-    returns Python None instead. The literal string "None" is an ordinary answer.
-    """
-    representatives: list[tuple[str, _Canonical]] = []
-    sizes: list[int] = []
-    for answer in answers:
-        if answer is None or not answer.strip():
-            continue
-        canonical = _canonical(answer, choices)
-        if canonical.text == "":
-            continue
-        for k, (_, rep) in enumerate(representatives):
-            if _canonical_equal(canonical, rep, False):
-                sizes[k] += 1
-                break
-        else:
-            representatives.append((answer, canonical))
-            sizes.append(1)
-    if not sizes:
-        return None, 0.0
-    best = max(range(len(sizes)), key=lambda k: (sizes[k], -k))  # earliest cluster wins ties
-    return representatives[best][0], sizes[best] / len(answers)
-
-
-# ----------------------------------------------------------------------------
-# Benchmark grading (evaluation only)
-
-ANSWER_TYPES = ("multiple_choice", "yes_no", "integer", "float", "percentage", "free_form")
-_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)  # "the answer is", "Answer:"
-_ENDING_LETTER = re.compile(r"(?:^|[\s:*])\(?([A-Z])\)?[.:*]*$")  # a line ending in "B", "(B).", "**B**"
-_LEADING_YES_NO = re.compile(r"[^\w]*(yes|no)\b")
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-
-
-def extract_answer(text: str | None, choices: list[str] | None = None) -> str | None:
-    """The answer a response gives, for grading a benchmark; None when there is nothing to read.
-
-    In order, the first rule that applies:
-    1. the last complete `\\boxed{...}` (what training rewards require);
-    2. the text after the last "answer is" / "answer:" (to the end of its line, cut at ". ");
-    3. with `choices`: an option letter that ends the last line ("... so (B).", "**B**");
-    4. the last non-empty line.
-    Rules 2-4 are for evaluation only: an unboxed response earns no reward in training.
-    """
-    if text is None:
-        return None
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        phrases = list(_ANSWER_PHRASE.finditer(line))
-        if phrases and line[phrases[-1].end():].strip():
-            return re.split(r"\.\s", line[phrases[-1].end():])[0].strip(" *").rstrip(".")
-    if not lines:
-        return None
-    letter = _ENDING_LETTER.search(lines[-1])
-    if choices and letter and ord(letter.group(1)) - ord("A") < len(choices):
-        return letter.group(1)
-    return lines[-1]
-
-
-def infer_answer_type(reference: str, choices: list[str] | None = None) -> str:
-    """Answer type of a benchmark item whose file does not give one: one of ANSWER_TYPES.
-
-    choices -> "multiple_choice"; "yes" / "no" -> "yes_no"; a number (units, %, LaTeX allowed) ->
-    "integer" or "float" by value; anything else -> "free_form". "percentage" is never inferred: a
-    benchmark says so per item, because it makes "0.5" and "50%" the same answer.
-    """
-    if choices:
-        return "multiple_choice"
-    if reference.strip().lower().rstrip(".") in ("yes", "no"):
-        return "yes_no"
-    number = _canonical(reference, None).number
-    if number is not None:
-        return "integer" if number.denominator == 1 else "float"
-    return "free_form"
-
-
-def normalize_text(answer: str) -> str:
-    """Free-form normal form: `normalize_answer`, then punctuation deleted and the articles a / an / the
-    dropped, as SQuAD's answer normalisation does.
-
-    "The Eiffel Tower." -> "eiffel tower"; "U.S.A." -> "usa"; "red-car" -> "redcar".
-    """
-    s = re.sub(r"[^\w\s]", "", normalize_answer(answer))
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-def answer_correct(answer: str | None, reference: str, choices: list[str] | None = None,
-                   answer_type: str | None = None) -> bool:
-    """Grade an extracted answer against a benchmark's reference by the rules of its answer type.
-
-    All types: `answers_equivalent` (case, punctuation, LaTeX, units, numbers by value, option text
-    or letter when `choices` are given). A reference "x<OR>y" accepts either (MM-Vet). By type:
-    - yes_no: a leading "yes" / "no" word is the answer ("Yes, it is." -> yes; "not yes" is not);
-    - integer: the answer must be an integer ("3.0" yes, "3.0001" no, though within 1e-4);
-    - percentage: a number written with % is also read as a fraction ("50%" == "0.5"; "50" != "0.5");
-    - free_form: also equal after `normalize_text` (articles and punctuation dropped).
-    `answer_type` None: inferred from the reference (`infer_answer_type`).
-    """
-    if answer is None or reference is None:
-        return False
-    answer_type = answer_type or infer_answer_type(reference, choices)
-    if answer_type == "yes_no" and (lead := _LEADING_YES_NO.match(answer.lower())):
-        answer = lead.group(1)
-    if answer_type == "integer":
-        number = _canonical(answer, None).number
-        if number is not None and number.denominator != 1:
-            return False
-    for option in reference.split("<OR>"):
-        if answers_equivalent(answer, option, choices, answer_type == "percentage"):
-            return True
-        if answer_type == "free_form" and normalize_text(answer) and normalize_text(answer) == normalize_text(option):
-            return True
-    return False
-
-
-def grade(response: str | None, reference: str, choices: list[str] | None = None,
-          answer_type: str | None = None) -> bool:
-    """True if a model's response answers a benchmark item correctly: `extract_answer`, then
-    `answer_correct`."""
-    return answer_correct(extract_answer(response, choices), reference, choices, answer_type)
-
+from answers import answers_equivalent, extract_boxed
 
 # ----------------------------------------------------------------------------
 # Questioner: uncertainty
@@ -345,29 +40,6 @@ _DENSE_COLUMNS = 4096  # n-grams per dense indicator block: [N, 4096] float32
 _PAIRS_PER_CHUNK = 1 << 22  # sentence pairs enumerated at once for rare n-grams
 
 
-def sentence_bleu(hypothesis: list[str], reference: list[str]) -> float:
-    """BLEU-4 of one tokenised hypothesis against one reference.
-
-    Same value as nltk's `sentence_bleu([reference], hypothesis,
-    smoothing_function=SmoothingFunction().method1)`: clipped n-gram precisions
-    for n = 1..4 over max(1, #hypothesis n-grams); 0 if no unigram matches; a
-    zero precision becomes 0.1 / its denominator; geometric mean times the
-    brevity penalty exp(1 - r/c) when the hypothesis is not longer (c <= r).
-    """
-    log_precision = 0.0
-    for n in range(1, _BLEU_ORDERS + 1):
-        hyp = Counter(tuple(hypothesis[i:i + n]) for i in range(len(hypothesis) - n + 1))
-        ref = Counter(tuple(reference[i:i + n]) for i in range(len(reference) - n + 1))
-        matches = sum(min(count, ref.get(gram, 0)) for gram, count in hyp.items())
-        denominator = max(1, len(hypothesis) - n + 1)
-        if n == 1 and matches == 0:
-            return 0.0
-        log_precision += math.log((matches or _SMOOTHING_EPSILON) / denominator) / _BLEU_ORDERS
-    c, r = len(hypothesis), len(reference)
-    brevity = 1.0 if c > r else math.exp(1.0 - r / c)
-    return brevity * math.exp(log_precision)
-
-
 def bleu_distance_matrix(questions: list[str]) -> np.ndarray:
     """Pairwise distances 1 - BLEU between whitespace-tokenised questions.
 
@@ -380,9 +52,11 @@ def bleu_distance_matrix(questions: list[str]) -> np.ndarray:
     tokens = [q.split() for q in questions]
     lengths = np.array([len(t) for t in tokens], dtype=np.int64)
     vocab: dict[str, int] = {}
-    flat = np.array([vocab.setdefault(tok, len(vocab)) for t in tokens for tok in t], dtype=np.int64)
+    flat = np.array([vocab.setdefault(tok, len(vocab)) for t in tokens for tok in t],
+                    dtype=np.int64)
     sentence_of = np.repeat(np.arange(n_questions), lengths)
-    tokens_left = np.repeat(lengths, lengths) - (np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    position_in_sentence = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    tokens_left = np.repeat(lengths, lengths) - position_in_sentence
 
     # log_score[i, j] accumulates log BLEU of hypothesis i against reference j.
     log_score = np.zeros((n_questions, n_questions))
@@ -391,7 +65,8 @@ def bleu_distance_matrix(questions: list[str]) -> np.ndarray:
         if n > 1:  # extend each (n-1)-gram by the next token, then renumber
             keep = tokens_left[start] >= n
             start, gram = start[keep], gram[keep]
-            gram = np.unique(gram * max(len(vocab), 1) + flat[start + n - 1], return_inverse=True)[1]
+            gram = np.unique(gram * max(len(vocab), 1) + flat[start + n - 1],
+                             return_inverse=True)[1]
         matches = _clipped_match_matrix(sentence_of[start], gram, n_questions)
         denominator = np.maximum(1, lengths - n + 1).astype(np.float64)
         for a, b in _row_blocks(n_questions):  # rows a:b, columns a: covers the upper triangle
@@ -445,7 +120,8 @@ def _clipped_match_matrix(sentence: np.ndarray, gram: np.ndarray, n_sentences: i
         t_cols = np.unique(dense_cols[used], return_inverse=True)[1]  # renumber 0..K_t-1
         for a in range(0, int(t_cols.max(initial=-1)) + 1, _DENSE_COLUMNS):
             in_block = (t_cols >= a) & (t_cols < a + _DENSE_COLUMNS)
-            indicator = np.zeros((n_sentences, min(_DENSE_COLUMNS, int(t_cols.max()) + 1 - a)), dtype=np.float32)
+            width = min(_DENSE_COLUMNS, int(t_cols.max()) + 1 - a)
+            indicator = np.zeros((n_sentences, width), dtype=np.float32)
             indicator[t_rows[in_block], t_cols[in_block] - a] = 1.0
             matches += indicator @ indicator.T
 
@@ -456,7 +132,8 @@ def _clipped_match_matrix(sentence: np.ndarray, gram: np.ndarray, n_sentences: i
     position = np.arange(len(cols)) - np.searchsorted(cols, cols)  # rank within its gram
     partners = doc_freq - 1 - position
     budget = _PAIRS_PER_CHUNK
-    chunk_ends = np.searchsorted(np.cumsum(partners), np.arange(budget, partners.sum() + budget, budget), "right")
+    chunk_ends = np.searchsorted(np.cumsum(partners),
+                                 np.arange(budget, partners.sum() + budget, budget), "right")
     flat_matches = matches.reshape(-1)
     begin = 0
     for end in np.unique(np.append(chunk_ends, len(cols))):
@@ -487,7 +164,8 @@ def average_linkage_clusters(distance: np.ndarray, threshold: float) -> np.ndarr
     if np.isnan(distance).any():
         raise ValueError("distance contains NaN")
     if not np.array_equal(distance, distance.T):
-        raise ValueError("distance must be exactly symmetric; symmetrise it first, e.g. (d + d.T) / 2")
+        raise ValueError("distance must be exactly symmetric; symmetrise it first, "
+                         "e.g. (d + d.T) / 2")
     n = len(distance)
     d = distance.copy()
     np.fill_diagonal(d, np.inf)  # inactive clusters get inf rows/columns too, so argmin skips them
@@ -544,8 +222,9 @@ def diversity_penalty(questions: list[str], threshold: float = 0.5) -> np.ndarra
     return np.bincount(labels)[labels] / len(questions)
 
 
-def questioner_reward(valid: bool, confidence: float | None, penalty: float, uncertainty_scale: float = 1.0,
-                      diversity_weight: float = 1.0, invalid_reward: float = -1.0) -> float:
+def questioner_reward(valid: bool, confidence: float | None, penalty: float, *,
+                      uncertainty_scale: float = 1.0, diversity_weight: float = 1.0,
+                      invalid_reward: float = -1.0) -> float:
     """Reward of one generated question: uncertainty (or `invalid_reward`) - weight * penalty.
 
     valid: the question parsed and the Reasoner's votes gave a `confidence`.
@@ -567,7 +246,7 @@ def has_boxed_format(response: str) -> bool:
     return answer is not None and answer.strip() != ""
 
 
-def reasoner_reward(response: str, silver_answer: str, choices: list[str] | None = None,
+def reasoner_reward(response: str, silver_answer: str, choices: list[str] | None = None, *,
                     accuracy_weight: float = 0.9, format_weight: float = 0.1) -> float:
     """accuracy_weight * [boxed answer equals the silver answer] + format_weight * [boxed]."""
     correct = answers_equivalent(extract_boxed(response), silver_answer, choices)

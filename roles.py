@@ -10,15 +10,16 @@ and for reward-time and labeling-time answers.)
 import re
 from dataclasses import dataclass
 
-from grpo import Prompt
+from sampler import Prompt
 
 QUESTION_TYPES = ("multiple choice", "numerical", "regression")
 
 QUESTIONER_INSTRUCTION = (
     "Look at the image and ask one question about it that has a single short answer. "
-    "Give the type (multiple choice, numerical or regression), the question and its answer in the form "
-    "<type>TYPE</type><question>QUESTION</question><answer>ANSWER</answer>. "
-    "A multiple choice question is a yes/no question or lists options A to D and is answered with a letter.")
+    "Give the type (multiple choice, numerical or regression), the question and its answer in the "
+    "form <type>TYPE</type><question>QUESTION</question><answer>ANSWER</answer>. "
+    "A multiple choice question is a yes/no question or lists options A to D and is answered with "
+    "a letter.")
 
 REASONER_INSTRUCTION = "Think step by step, then give the final answer in \\boxed{}."
 
@@ -31,7 +32,8 @@ def encode_prompt(processor, image, text):
     """
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+    chat = processor.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True,
                                          tokenize=False)
     inputs = processor(images=images, text=[chat], return_tensors="pt")
     return Prompt(inputs["input_ids"][0], inputs["pixel_values"], inputs["image_grid_thw"])
@@ -48,8 +50,8 @@ def reasoner_text(question):
 
 
 def reasoner_prompt(processor, image, question):
-    """The reasoner's prompt for (image or list of images, question): scoring, labeling, training and
-    evaluation alike."""
+    """The reasoner's prompt for (image or list of images, question): scoring, labeling, training
+    and evaluation alike."""
     return encode_prompt(processor, image, reasoner_text(question))
 
 
@@ -58,11 +60,12 @@ class GeneratedQuestion:
     """A parsed questioner output."""
     type: str                     # one of QUESTION_TYPES
     question: str
-    answer: str                   # the questioner's own answer (kept for analysis; labels come from votes)
+    answer: str                   # the questioner's own answer (for analysis; labels are votes)
     choices: list[str] | None     # option texts A, B, ... when the question lists them
 
 
-_TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("type", "question", "answer")}
+_TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL)
+        for name in ("type", "question", "answer")}
 _OPTION_MARK = re.compile(r"(?:^|(?<=\s))\(?([A-H])[.):]\s+")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$|^[-+]?\d+/\d+$", re.IGNORECASE)
 
@@ -87,11 +90,11 @@ def parse_choices(question):
 
 
 def parse_question(text):
-    """Parse `<type>T</type><question>Q</question><answer>A</answer>`; None when the output is invalid.
+    """Parse `<type>T</type><question>Q</question><answer>A</answer>`; None when it is invalid.
 
     Invalid: a tag missing or empty, a type outside QUESTION_TYPES, or a numerical / regression
-    question whose own answer is not a number. (The released code passed such outputs on to labeling,
-    where an empty type shifted the alignment of results.)
+    question whose own answer is not a number. (The released code passed such outputs on to
+    labeling, where an empty type shifted the alignment of results.)
     """
     fields = {}
     for name, pattern in _TAG.items():
@@ -104,4 +107,5 @@ def parse_question(text):
         return None
     if kind != "multiple choice" and not _NUMBER.match(fields["answer"].replace(",", "")):
         return None
-    return GeneratedQuestion(kind, fields["question"], fields["answer"], parse_choices(fields["question"]))
+    return GeneratedQuestion(kind, fields["question"], fields["answer"],
+                             parse_choices(fields["question"]))

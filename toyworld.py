@@ -1,7 +1,7 @@
 """The embedded default's world: shape scenes, questions with exact answers, and a tiny base VLM.
 
 No pretrained VLM can be downloaded here, so the project brings its own small world:
-- Scenes: coloured shapes on a grid, one shape per cell, drawn by `data.render_shapes` with 28-pixel
+- Scenes: coloured shapes on a grid, one shape per cell, drawn by `render_shapes` with 28-pixel
   cells, so each cell is exactly one merged vision token of Qwen2.5-VL (patch 14, merge 2).
 - Question families with answers computed from the scene: counting (by colour, shape, both, total),
   existence (absent objects included: the hallucination probe), the attribute at a position,
@@ -25,23 +25,54 @@ import time
 from dataclasses import dataclass
 
 import torch
+from PIL import Image, ImageDraw
 
-from data import COLORS, SHAPES, render_shapes, write_jsonl
-from roles import QUESTIONER_INSTRUCTION, reasoner_text
+from answers import OPTION_LETTERS
+from data import atomic_path, write_jsonl
+from grpo import completion_logprobs
+from roles import QUESTIONER_INSTRUCTION, questioner_prompt, reasoner_prompt, reasoner_text
+from sampler import special_tokens
+from vlm import build_tiny_vlm, save_vlm
 
 log = logging.getLogger("visplay")
 
-FAMILIES = ("count_color", "count_shape", "count_both", "count_total", "exists", "attribute", "spatial",
-            "compare")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+FAMILIES = ("count_color", "count_shape", "count_both", "count_total", "exists", "attribute",
+            "spatial", "compare")
 COLOR_NAMES = tuple(COLORS)
 # The image processor's normalisation mean (CLIP's) as a colour: empty cells normalise to ~0, so the
 # vision features carry the objects rather than a large constant from the background.
 BACKGROUND = (123, 117, 104)
-# The fraction of its 28-pixel cell a shape spans: big squares, medium triangles, small circles, so a
-# shape shows in the amount of colour in its cell as well as in its outline (a tiny model from
+# The fraction of its 28-pixel cell a shape spans: big squares, medium triangles, small circles, so
+# a shape shows in the amount of colour in its cell as well as in its outline (a tiny model from
 # scratch learns that in minutes; outlines alone take it far longer).
 SHAPE_SCALE = {"square": 0.9, "triangle": 1.0, "circle": 0.6}
-LETTERS = "ABCD"
+
+
+def render_shapes(objects, *, rows, cols, cell=28, background=(245, 245, 245)):
+    """Draw objects on a rows x cols grid of `cell`-pixel cells.
+
+    objects: iterable of (shape, colour, row, col, scale) with shape in SHAPES, colour in COLORS,
+    scale in (0, 1] the fraction of the cell the shape spans. Returns a PIL RGB image.
+    """
+    image = Image.new("RGB", (cols * cell, rows * cell), background)
+    draw = ImageDraw.Draw(image)
+    for shape, colour, row, col, scale in objects:
+        half = cell * scale / 2
+        cx, cy = col * cell + cell / 2, row * cell + cell / 2
+        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+        fill = COLORS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {shape!r}; shapes are {SHAPES}")
+    return image
 
 
 @dataclass(frozen=True)
@@ -63,15 +94,16 @@ class Scene:
     things: list
 
     def render(self):
-        return render_shapes([(t.shape, t.color, t.row, t.col, SHAPE_SCALE[t.shape]) for t in self.things],
-                             self.rows, self.cols, background=BACKGROUND)
+        objects = [(t.shape, t.color, t.row, t.col, SHAPE_SCALE[t.shape]) for t in self.things]
+        return render_shapes(objects, rows=self.rows, cols=self.cols, background=BACKGROUND)
 
 
-def random_scene(rng, rows, cols, min_things, max_things):
+def random_scene(rng, *, rows, cols, min_things, max_things):
     """A scene with a uniform number of things in [min_things, max_things] on distinct cells."""
     count = rng.randint(min_things, max_things)
     cells = rng.sample([(r, c) for r in range(rows) for c in range(cols)], count)
-    return Scene(rows, cols, [Thing(rng.choice(SHAPES), rng.choice(COLOR_NAMES), r, c) for r, c in sorted(cells)])
+    things = [Thing(rng.choice(SHAPES), rng.choice(COLOR_NAMES), r, c) for r, c in sorted(cells)]
+    return Scene(rows, cols, things)
 
 
 @dataclass
@@ -96,7 +128,8 @@ def _count(family, scene, rng):
     elif family == "count_shape":
         match, what = [t for t in scene.things if t.shape == shape], f"{shape}s"
     elif family == "count_both":
-        match, what = [t for t in scene.things if t.color == color and t.shape == shape], f"{color} {shape}s"
+        match = [t for t in scene.things if t.color == color and t.shape == shape]
+        what = f"{color} {shape}s"
     else:
         match, what = scene.things, "objects"
     n = str(len(match))
@@ -120,11 +153,11 @@ def _exists(scene, rng):
 def _attribute(scene, rng):
     thing = rng.choice(scene.things)
     options = list(COLOR_NAMES)
-    letter = LETTERS[options.index(thing.color)]
-    listed = " ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options))
+    letter = OPTION_LETTERS[options.index(thing.color)]
+    listed = " ".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(options))
     where = f"row {thing.row + 1}, column {thing.col + 1}"
-    return Question("attribute", "multiple choice", f"What color is the shape in {where}? {listed}", letter,
-                    options, f"At {where}: {thing.name}. \\boxed{{{letter}}}")
+    return Question("attribute", "multiple choice", f"What color is the shape in {where}? {listed}",
+                    letter, options, f"At {where}: {thing.name}. \\boxed{{{letter}}}")
 
 
 def _spatial(scene, rng):
@@ -134,12 +167,14 @@ def _spatial(scene, rng):
         return None
     a, b = rng.sample(unique, 2)
     if rng.random() < 0.5:
-        relation, holds, detail = "left of", a.col < b.col, f"column {a.col + 1}, {b.name} in column {b.col + 1}"
+        relation, holds = "left of", a.col < b.col
+        detail = f"column {a.col + 1}, {b.name} in column {b.col + 1}"
     else:
-        relation, holds, detail = "above", a.row < b.row, f"row {a.row + 1}, {b.name} in row {b.row + 1}"
+        relation, holds = "above", a.row < b.row
+        detail = f"row {a.row + 1}, {b.name} in row {b.row + 1}"
     answer = "yes" if holds else "no"
-    return Question("spatial", "multiple choice", f"Is the {a.name} {relation} the {b.name}?", answer, None,
-                    f"{a.name} in {detail}. \\boxed{{{answer}}}")
+    return Question("spatial", "multiple choice", f"Is the {a.name} {relation} the {b.name}?",
+                    answer, None, f"{a.name} in {detail}. \\boxed{{{answer}}}")
 
 
 def _compare(scene, rng):
@@ -147,15 +182,17 @@ def _compare(scene, rng):
     n1 = sum(t.color == first for t in scene.things)
     n2 = sum(t.color == second for t in scene.things)
     answer = "yes" if n1 > n2 else "no"
-    return Question("compare", "multiple choice", f"Are there more {first} objects than {second} objects?",
-                    answer, None, f"{first}: {n1}, {second}: {n2}. \\boxed{{{answer}}}")
+    return Question("compare", "multiple choice",
+                    f"Are there more {first} objects than {second} objects?", answer, None,
+                    f"{first}: {n1}, {second}: {n2}. \\boxed{{{answer}}}")
 
 
 def make_question(family, scene, rng):
     """A question of `family` about `scene`, or None when the scene cannot support it."""
     if family.startswith("count"):
         return _count(family, scene, rng)
-    return {"exists": _exists, "attribute": _attribute, "spatial": _spatial, "compare": _compare}[family](scene, rng)
+    writers = {"exists": _exists, "attribute": _attribute, "spatial": _spatial, "compare": _compare}
+    return writers[family](scene, rng)
 
 
 def questioner_target(q):
@@ -167,28 +204,32 @@ def questioner_target(q):
 class WorldConfig:
     rows: int = 4
     cols: int = 4
-    pretrain_decay: float = 0.6         # base domain: P(n objects) ~ decay**n over 1..max_things (few objects)
+    pretrain_decay: float = 0.6         # base domain: P(n objects) ~ decay**n, n = 1..max_things
     max_things: int = 8
-    shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: uniform, more objects
+    shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: uniform, more
     pool_images: int = 512
     benchmark_items: int = 1024
 
 
 def pretraining_scene(rng, world):
     """A base-domain scene: mostly one to three objects, rarely many."""
-    n = rng.choices(range(1, world.max_things + 1), weights=[world.pretrain_decay ** k for k in range(world.max_things)])[0]
-    return random_scene(rng, world.rows, world.cols, n, n)
+    weights = [world.pretrain_decay ** k for k in range(world.max_things)]
+    n = rng.choices(range(1, world.max_things + 1), weights=weights)[0]
+    return random_scene(rng, rows=world.rows, cols=world.cols, min_things=n, max_things=n)
 
 
-def scenes(seed, count, rows, cols, things):
-    """`count` scenes from one seed: each split has its own seed, so the splits never share a scene stream."""
+def scenes(seed, count, *, rows, cols, things):
+    """`count` scenes from one seed: each split has its own seed, so the splits never share a
+    scene stream."""
     rng = random.Random(seed)
-    return [random_scene(rng, rows, cols, *things) for _ in range(count)]
+    return [random_scene(rng, rows=rows, cols=cols, min_things=things[0], max_things=things[1])
+            for _ in range(count)]
 
 
 def balanced_questions(scene_list, seed, per_scene=1):
-    """Questions balanced over FAMILIES: each scene gets the family asked least so far (ties in FAMILIES
-    order); a scene that cannot host it (e.g. no two unique objects for spatial) gets the next least."""
+    """Questions balanced over FAMILIES: each scene gets the family asked least so far (ties in
+    FAMILIES order); a scene that cannot host it (e.g. no two unique objects for spatial) gets the
+    next least."""
     rng = random.Random(seed)
     out, counts = [], {family: 0 for family in FAMILIES}
     for scene in scene_list:
@@ -204,16 +245,18 @@ def balanced_questions(scene_list, seed, per_scene=1):
 
 
 def write_benchmark(folder, world, seed):
-    """Labeled held-out benchmark of the shifted domain: images + benchmark.jsonl. Returns the path."""
+    """Labeled held-out benchmark of the shifted domain: images + benchmark.jsonl. Returns its
+    path."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    items = balanced_questions(scenes(seed + 2, world.benchmark_items, world.rows, world.cols,
-                                      world.shifted_things), seed + 3)
+    benchmark_scenes = scenes(seed + 2, world.benchmark_items, rows=world.rows, cols=world.cols,
+                              things=world.shifted_things)
+    items = balanced_questions(benchmark_scenes, seed + 3)
     rows = []
     for i, (scene, q) in enumerate(items):
         name = f"images/{i:05d}.png"
         scene.render().save(os.path.join(folder, name))
-        rows.append({"id": f"toy-{i:05d}", "image": name, "question": q.question, "answer": q.answer,
-                     "choices": q.choices, "category": q.family})
+        rows.append({"id": f"toy-{i:05d}", "image": name, "question": q.question,
+                     "answer": q.answer, "choices": q.choices, "category": q.family})
     path = os.path.join(folder, "benchmark.jsonl")
     write_jsonl(path, rows)
     return path
@@ -222,7 +265,9 @@ def write_benchmark(folder, world, seed):
 def write_pool(folder, world, seed):
     """The unlabeled pool: PNG files only (no labels are written anywhere)."""
     os.makedirs(folder, exist_ok=True)
-    for i, scene in enumerate(scenes(seed + 1, world.pool_images, world.rows, world.cols, world.shifted_things)):
+    pool = scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
+                  things=world.shifted_things)
+    for i, scene in enumerate(pool):
         scene.render().save(os.path.join(folder, f"{i:05d}.png"))
     return folder
 
@@ -231,8 +276,9 @@ def corpus(seed, count=4000):
     """Texts the tiny tokenizer is trained on: both roles' prompts and targets of the world."""
     world = WorldConfig()
     texts = [QUESTIONER_INSTRUCTION] * (count // 8)  # frequent enough to become a few tokens
-    for scene, q in balanced_questions(scenes(seed + 7, count, world.rows, world.cols, (1, world.max_things)),
-                                       seed + 8):
+    scene_list = scenes(seed + 7, count, rows=world.rows, cols=world.cols,
+                        things=(1, world.max_things))
+    for scene, q in balanced_questions(scene_list, seed + 8):
         texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
     return texts
 
@@ -250,24 +296,26 @@ class BaseConfig:
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
-    questioner_share: float = 0.3      # examples teaching the questioner's format; the rest the reasoner's
-    direct_rate: float = 0.65          # reasoner targets that answer at once ("\boxed{3}") instead of
-                                       # enumerating first ("Found: red circle, ... \boxed{3}")
+    questioner_share: float = 0.3      # examples teaching the questioner's format; the rest teach
+                                       # the reasoner's
+    direct_rate: float = 0.65          # reasoner targets that answer at once ("\boxed{3}") instead
+                                       # of enumerating first ("Found: red circle, ... \boxed{3}")
     describe_weight: float = 3.0       # extra weight of count_total, whose chain names every object
-    freeze_vision: bool = True         # keep the randomly initialised vision blocks fixed (their features
-                                       # already separate colours and shapes); the merger still learns
+    freeze_vision: bool = True         # keep the randomly initialised vision blocks fixed (their
+                                       # features already separate colours and shapes); the merger
+                                       # still learns
 
 
 def _encode_target(processor, text):
     tokenizer = processor.tokenizer
-    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer(text, add_special_tokens=False).input_ids + [end]
 
 
 def pretraining_example(rng, processor, world, base):
     """One (prompt, target ids) pair on a fresh base-domain scene: a question written by the
-    questioner, or an answer by the reasoner, direct or after enumerating (the base's two habits)."""
-    from roles import questioner_prompt, reasoner_prompt
-
+    questioner, or an answer by the reasoner, direct or after enumerating (the base's two
+    habits)."""
     scene = pretraining_scene(rng, world)
     weights = [base.describe_weight if f == "count_total" else 1.0 for f in FAMILIES]
     q = None
@@ -280,20 +328,19 @@ def pretraining_example(rng, processor, world, base):
     return reasoner_prompt(processor, image, q.question), _encode_target(processor, target)
 
 
-def pretrain(model, processor, world, base, seed):
+def pretrain(model, processor, *, world, base, seed):
     """Supervised next-token training (cross-entropy on the target tokens), a fresh batch each step.
 
     Uses `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
     """
-    from grpo import completion_logprobs, special_tokens
-
     tokens = special_tokens(processor, model)
     if base.freeze_vision:
         for part in (model.model.visual.patch_embed, model.model.visual.blocks):
             part.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=base.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, base.lr, total_steps=base.steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, base.lr, total_steps=base.steps,
+                                                   pct_start=0.1)
     rng = random.Random(seed)
     losses = []
     model.train()
@@ -305,7 +352,7 @@ def pretrain(model, processor, world, base, seed):
         for row, (_, target) in enumerate(batch):
             ids[row, :len(target)] = torch.tensor(target)
             mask[row, :len(target)] = 1
-        logprobs, _ = completion_logprobs(model, [p for p, _ in batch], ids, mask, tokens)
+        logprobs, _ = completion_logprobs(model, [p for p, _ in batch], ids, mask, tokens=tokens)
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
@@ -321,25 +368,26 @@ def pretrain(model, processor, world, base, seed):
 
 
 def build_base(path, seed, world=None, base=None):
-    """Build the tiny base (tokenizer, processor, model), pretrain it and save it atomically to `path`."""
-    from vlm import build_tiny_vlm, save_vlm
-
+    """Build the tiny base (tokenizer, processor, model), pretrain it and save it atomically to
+    `path`."""
     world, base = world or WorldConfig(), base or BaseConfig()
     started = time.perf_counter()
     scratch = path.rstrip("/") + ".init"
     model, processor = build_tiny_vlm(
         scratch, corpus(seed), seed=seed, vocab_size=base.vocab_size, min_pixels=28 * 28,
-        max_pixels=world.rows * world.cols * 28 * 28, hidden_size=base.hidden_size, layers=base.layers,
-        heads=base.heads, kv_heads=base.kv_heads, vision_hidden=base.vision_hidden, vision_depth=base.vision_depth)
+        max_pixels=world.rows * world.cols * 28 * 28, hidden_size=base.hidden_size,
+        layers=base.layers, heads=base.heads, kv_heads=base.kv_heads,
+        vision_hidden=base.vision_hidden, vision_depth=base.vision_depth)
     shutil.rmtree(scratch, ignore_errors=True)
     torch.manual_seed(seed)
-    pretrain(model, processor, world, base, seed)
+    pretrain(model, processor, world=world, base=base, seed=seed)
     save_vlm(model, processor, path)
     log.info("base built and pretrained in %.0f s -> %s", time.perf_counter() - started, path)
 
 
 def build_embedded(folder, seed):
-    """The embedded default's files, built once per folder (each piece atomically, so a rerun reuses it).
+    """The embedded default's files, built once per folder (each piece atomically, so a rerun
+    reuses it).
 
     Returns {"base": model folder, "pool": unlabeled image folder, "benchmark": labeled JSONL}.
     """
@@ -348,31 +396,32 @@ def build_embedded(folder, seed):
     paths = {"base": os.path.join(folder, "base"), "pool": os.path.join(folder, "pool"),
              "benchmark": os.path.join(folder, "benchmark", "benchmark.jsonl")}
     if not os.path.isdir(paths["pool"]):
-        shutil.rmtree(paths["pool"] + ".tmp", ignore_errors=True)
-        write_pool(paths["pool"] + ".tmp", world, seed)
-        os.replace(paths["pool"] + ".tmp", paths["pool"])
+        with atomic_path(paths["pool"]) as tmp:
+            write_pool(tmp, world, seed)
     if not os.path.isdir(os.path.dirname(paths["benchmark"])):
-        tmp = os.path.dirname(paths["benchmark"]) + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_benchmark(tmp, world, seed)
-        os.replace(tmp, os.path.dirname(paths["benchmark"]))
+        with atomic_path(os.path.dirname(paths["benchmark"])) as tmp:
+            write_benchmark(tmp, world, seed)
     if not os.path.isdir(paths["base"]):
         build_base(paths["base"], seed, world)
     return paths
 
 
 _QUESTION_PATTERNS = [
-    (re.compile(r"^How many (?:(?P<color>\w+) )?(?P<what>objects|circles|squares|triangles) are there\?$"), "count"),
+    (re.compile(r"^How many (?:(?P<color>\w+) )?(?P<what>objects|circles|squares|triangles) "
+                r"are there\?$"), "count"),
     (re.compile(r"^Is there a (?P<color>\w+) (?P<shape>\w+)\?$"), "exists"),
-    (re.compile(r"^What color is the shape in row (?P<row>\d+), column (?P<col>\d+)\?"), "attribute"),
-    (re.compile(r"^Is the (?P<c1>\w+) (?P<s1>\w+) (?P<rel>left of|above) the (?P<c2>\w+) (?P<s2>\w+)\?$"), "spatial"),
+    (re.compile(r"^What color is the shape in row (?P<row>\d+), column (?P<col>\d+)\?"),
+     "attribute"),
+    (re.compile(r"^Is the (?P<c1>\w+) (?P<s1>\w+) (?P<rel>left of|above) "
+                r"the (?P<c2>\w+) (?P<s2>\w+)\?$"), "spatial"),
     (re.compile(r"^Are there more (?P<c1>\w+) objects than (?P<c2>\w+) objects\?$"), "compare"),
 ]
 
 
 def true_answer(scene, question):
     """The exact answer to a question written in the world's templates, or None if it is not one
-    (or asks about something the scene does not determine). For analysis only: the loop never calls it."""
+    (or asks about something the scene does not determine). For analysis only: the loop never
+    calls it."""
     for pattern, kind in _QUESTION_PATTERNS:
         m = pattern.match(question.strip())
         if m is None:
@@ -383,13 +432,13 @@ def true_answer(scene, question):
             shape = None if g["what"] == "objects" else g["what"][:-1]
             if g["color"] not in (None, *COLOR_NAMES) or shape not in (None, *SHAPES):
                 return None
-            return str(sum((g["color"] is None or t.color == g["color"]) and (shape is None or t.shape == shape)
-                           for t in things))
+            return str(sum((g["color"] is None or t.color == g["color"])
+                           and (shape is None or t.shape == shape) for t in things))
         if kind == "exists":
             return "yes" if any(t.name == f"{g['color']} {g['shape']}" for t in things) else "no"
         if kind == "attribute":
             cell = [t for t in things if (t.row + 1, t.col + 1) == (int(g["row"]), int(g["col"]))]
-            return LETTERS[COLOR_NAMES.index(cell[0].color)] if cell else None
+            return OPTION_LETTERS[COLOR_NAMES.index(cell[0].color)] if cell else None
         if kind == "spatial":
             a = [t for t in things if t.name == f"{g['c1']} {g['s1']}"]
             b = [t for t in things if t.name == f"{g['c2']} {g['s2']}"]

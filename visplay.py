@@ -1,18 +1,33 @@
 """VisPlay: a vision-language model improves itself from unlabeled images by playing two roles.
 
-    python visplay.py --config config.yaml                           # embedded default (CPU, offline)
+    python visplay.py --config config.yaml                 # the embedded default (CPU, offline)
     python visplay.py --config configs/qwen2.5-vl-3b.yaml \\
         --set model.path=/models/Qwen2.5-VL-3B-Instruct --set data.images=/data/images
     torchrun --nproc_per_node 8 visplay.py --config configs/qwen2.5-vl-7b.yaml ...   # FSDP2
 
-Iteration i = 1..T, with Q_0 = S_0 = the base model (SPEC section 2):
-  1. questioner stage  `train_questioner`: GRPO on Q_{i-1}; a question's reward is the frozen
-     S_{i-1}'s uncertainty about it minus a diversity penalty; an unparsable one gets -1.
-  2. generation        `generate_questions`: Q_i writes k questions for every pool image.
-  3. silver labels     `label_questions`: S_{i-1} answers each n times; the majority answer is the
-     silver label, its share p the confidence; keep p_low <= p <= p_high (informative filter).
-  4. reasoner stage    `train_reasoner`: GRPO on S_{i-1} with reward 0.9 * matches-silver + 0.1 * boxed.
-  5. evaluation        `evaluate_solver`: greedy accuracy of S_i on the labeled benchmarks.
+One base model plays both roles: the Questioner Q writes a question about an image, the Reasoner S
+answers it. Iteration i = 1..T, with Q_0 = S_0 = the base model (README, "The algorithm"):
+  1. `train_questioner`   GRPO on Q_{i-1}: a question's reward is the frozen S_{i-1}'s uncertainty
+                          about it minus a diversity penalty; an unparsable one gets -1.
+  2. `generate_questions` Q_i writes k questions for every pool image.
+  3. `label_questions`    S_{i-1} answers each n times: the majority answer is the silver label,
+                          its share p the confidence; `keep_informative` keeps p_low <= p <= p_high.
+  4. `train_reasoner`     GRPO on S_{i-1} over the kept questions: reward 0.9 * [matches the
+                          silver label] + 0.1 * [boxed answer].
+  5. `evaluate_reasoner`  greedy accuracy of S_i on the labeled benchmarks.
+Stages 1 and 4 run `train_stage`: per GRPO step, a rollout batch (`questioner_batch`,
+`reasoner_batch`), then `grpo.train_step` (advantages, old and reference log-probs, the updates).
+
+Deviations from the released code (the README gives the same list, with reasons):
+- One prompt per role: the chat template's, for training, generation, scoring and labeling alike.
+- Unparsable questions dropped: before labeling, instead of passed on to it.
+- Failed extractions never win a vote: they are None, not the string "None".
+- No lr-0 first update: the first optimizer update uses the configured learning rate.
+- No extra generation: none per step beyond the rollout.
+- Every pool image used: not only the first 1000 (`data.max_images` caps it).
+- Resume inside a stage: from its last checkpoint or part file; a stage is done only when its
+  result was written completely.
+- Uncertainty scale as a knob: 1 (the paper's 1 - 2|p - 1/2|) or 0.5 (the released code's).
 
 Every stage writes its result atomically into the run directory; rerunning the same command skips
 the stages whose result exists and resumes an interrupted one (README, "Run directory").
@@ -21,79 +36,75 @@ Under torchrun every rank samples and scores its share of each batch; what needs
 """
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+import checkpoint
 import distributed
+from answers import extract_boxed, majority_vote
 from config import ConfigError, load_config
-from data import load_image, read_jsonl, write_json, write_jsonl
+from data import atomic_path, load_image, read_jsonl, write_json, write_jsonl
+from distributed import gathered, my_part
 from eval import evaluate, summarize
-from grpo import Sampling, decode, gathered, rollout, special_tokens
-from rewards import (bleu_distance_matrix, diversity_penalty, extract_boxed, majority_vote, questioner_reward,
-                     reasoner_reward)
+from grpo import make_optimizer, train_step
+from rewards import diversity_penalty, questioner_reward, reasoner_reward
 from roles import parse_question, questioner_prompt, reasoner_prompt
-from run import Run, Timer, seed_for
-from vlm import atomic_replace_dir
+from run import Run, seed_for
+from sampler import Rollout, Sampling, decode, rollout, special_tokens
+from summary import format_summary, iteration_summary
 
 log = logging.getLogger("visplay")
 
 
 def draw(seed, population, count):
-    """`count` indices of range(population): shuffled passes over the whole population, end to end."""
+    """`count` indices of range(population): shuffled passes over the population, end to end."""
     rng = np.random.default_rng(seed)
     passes = [rng.permutation(population) for _ in range(-(-count // population))]
     return np.concatenate(passes)[:count].tolist()
 
 
-def my_part(items, blocks=1):
-    """This rank's share of a batch (all of it in a single-process run).
-
-    The batch is cut into `blocks` consecutive blocks (a GRPO step's mini-batches, one per optimizer
-    update) and the rank takes its contiguous share of each, so every update sees the same global
-    mini-batch whatever the number of processes.
-    """
-    size = len(items) // blocks
-    return [items[b * size + i] for b in range(blocks) for i in distributed.my_share(size)]
+# ----------------------------------------------------------------------------
+# The reasoner's votes and the step's diversity penalty (the questioner's reward needs both)
 
 
-def load_pool_images(run, indices):
-    """Pool images at `indices`; an unreadable one is replaced by the next readable image."""
-    images = []
-    for index in indices:
-        for offset in range(len(run.pool)):
-            image = run.pool.load((index + offset) % len(run.pool))
-            if image is not None:
-                images.append(image)
-                break
-        else:
-            raise RuntimeError(f"no readable image in the pool ({len(run.pool.bad)} unreadable)")
-    return images
+@dataclass
+class Vote:
+    """The reasoner's sampled answers to one question, and their majority vote."""
+    answers: list                 # the last boxed answer of each sample (None: no box)
+    silver_answer: str | None     # the majority answer (None: no sample had a valid answer)
+    confidence: float             # p: the majority's share of the samples
 
 
-def answer_votes(solver, processor, images, questions, choices, samples, sampling, batch_size, generator):
-    """The solver answers each (image, question) `samples` times; majority vote over boxed answers.
+def answer_votes(reasoner, processor, *, images, questions, choices, samples, sampling,
+                 batch_size, generator):
+    """The reasoner answers each (image, question) `samples` times; majority vote over the boxed
+    answers (`answers.majority_vote`).
 
-    questions: list of str; choices: per question the option texts or None.
-    Returns per question (silver_answer or None, confidence p, the extracted answers).
+    questions: list of str; choices: per question the option texts or None. Returns a `Vote` per
+    question.
     """
     if not questions:
         return []
-    tokens = special_tokens(processor, solver)
-    prompts = [reasoner_prompt(processor, image, q) for image, q in zip(images, questions)]
-    result = rollout(solver, prompts, samples, sampling, tokens, batch_size, generator)
-    answers = [extract_boxed(t) for t in decode(processor, result.completion_ids, result.completion_mask)]
+    tokens = special_tokens(processor, reasoner)
+    prompts = [reasoner_prompt(processor, image, question)
+               for image, question in zip(images, questions)]
+    sampled = rollout(reasoner, prompts, group_size=samples, sampling=sampling, tokens=tokens,
+                      batch_size=batch_size, generator=generator)
+    texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
+    answers = [extract_boxed(text) for text in texts]
     votes = []
     for i, options in enumerate(choices):
         mine = answers[i * samples:(i + 1) * samples]
-        silver, confidence = majority_vote(mine, options)
-        votes.append((silver, confidence, mine))
+        silver_answer, confidence = majority_vote(mine, options)
+        votes.append(Vote(mine, silver_answer, confidence))
     return votes
 
 
@@ -105,158 +116,273 @@ def step_diversity_penalty(local_questions, threshold):
     return diversity_penalty(everyone, threshold)[offset:offset + len(local_questions)]
 
 
-def train_questioner(run, iteration, questioner_path, solver_path, out_path):
-    """Stage 1: GRPO on the questioner; reward = uncertainty of the frozen solver - diversity penalty."""
-    qcfg = run.cfg.questioner
-    solver = run.load(solver_path, trainable=False)[0]
-    sampling = Sampling(qcfg.temperature, qcfg.top_p, qcfg.top_k, qcfg.max_new_tokens)
-    answer_sampling = Sampling(qcfg.answer_temperature, qcfg.answer_top_p, 0, qcfg.answer_max_new_tokens)
-
-    def make_batch(policy, processor, tokens, step):
-        timer = Timer()
-        indices = my_part(draw(seed_for(run.cfg.seed, iteration, "questioner-images", step), len(run.pool),
-                               qcfg.prompts_per_step), qcfg.updates_per_step)
-        images = load_pool_images(run, indices)
-        prompts = [questioner_prompt(processor, image) for image in images]
-        with gathered(policy):
-            result = rollout(policy, prompts, qcfg.group_size, sampling, tokens, qcfg.rollout_batch_size,
-                             run.generator(iteration, "questioner", step))
-        parsed = [parse_question(t) for t in decode(processor, result.completion_ids, result.completion_mask)]
-        seconds_sampling = timer.lap()
-
-        valid = [i for i, q in enumerate(parsed) if q is not None]
-        prompt_of = result.prompt_index.tolist()
-        with gathered(solver):
-            votes = answer_votes(solver, processor, [images[prompt_of[i]] for i in valid],
-                                 [parsed[i].question for i in valid], [parsed[i].choices for i in valid],
-                                 qcfg.answer_samples, answer_sampling, qcfg.rollout_batch_size,
-                                 run.generator(iteration, "questioner-answers", step))
-        confidence = dict(zip(valid, (p for _, p, _ in votes)))
-        penalty = step_diversity_penalty([q.question if q else "" for q in parsed], qcfg.diversity_threshold)
-        rewards = torch.tensor([questioner_reward(q is not None, confidence.get(i), float(penalty[i]),
-                                                  qcfg.uncertainty_scale, qcfg.diversity_weight,
-                                                  qcfg.invalid_reward) for i, q in enumerate(parsed)])
-        valid_count, count, confidence_sum, penalty_sum = distributed.all_reduce_sum(
-            [len(valid), len(parsed), sum(confidence.values()), float(penalty.sum())])
-        extra = {"invalid_rate": 1 - valid_count / count, "confidence_mean": confidence_sum / max(valid_count, 1),
-                 "diversity_penalty_mean": penalty_sum / count,
-                 "seconds_sampling": seconds_sampling, "seconds_scoring": timer.lap()}
-        return prompts, result, rewards, extra
-
-    run.train("questioner", iteration, questioner_path, out_path, make_batch)
+# ----------------------------------------------------------------------------
+# The GRPO stages (steps 1 and 4)
 
 
-def generate_questions(run, iteration, questioner_path, out_path):
-    """Stage 2: the trained questioner writes k questions per pool image -> questions_v{i}.jsonl."""
-    gcfg = run.cfg.generation
-    model, processor = run.load(questioner_path, trainable=False)
+@dataclass
+class RolloutBatch:
+    """One GRPO step's sampled and rewarded data on this rank."""
+    prompts: list                 # the `Prompt` of each prompt index of `sampled`
+    sampled: Rollout              # G completions per prompt, grouped
+    rewards: torch.Tensor         # [N] one per completion, in the order of `sampled`
+    metrics: dict                 # the role's own metrics, seconds sampling and scoring
+
+
+def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, step):
+    """Step 1's rollout batch: the questioner writes G questions per pool image; the frozen
+    reasoner answers each valid one m times (`answer_votes`); a question's reward is the
+    reasoner's uncertainty about it minus the diversity penalty (`rewards.questioner_reward`)."""
+    settings = run.cfg.questioner
+    started = time.perf_counter()
+    indices = draw(seed_for(run.cfg.seed, iteration, "questioner-images", step), len(run.pool),
+                   settings.prompts_per_step)
+    images = run.pool.load_many(my_part(indices, blocks=settings.updates_per_step))
+    prompts = [questioner_prompt(processor, image) for image in images]
+    sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
+                        settings.max_new_tokens)
+    with gathered(policy):
+        sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
+                          tokens=tokens, batch_size=settings.rollout_batch_size,
+                          generator=run.generator(iteration, "questioner", step))
+    texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
+    questions = [parse_question(text) for text in texts]
+    seconds_sampling = time.perf_counter() - started
+
+    started = time.perf_counter()
+    valid = [i for i, question in enumerate(questions) if question is not None]
+    prompt_of = sampled.prompt_index.tolist()
+    answer_sampling = Sampling(settings.answer_temperature, settings.answer_top_p, 0,
+                               settings.answer_max_new_tokens)
+    with gathered(reasoner):
+        votes = answer_votes(reasoner, processor, images=[images[prompt_of[i]] for i in valid],
+                             questions=[questions[i].question for i in valid],
+                             choices=[questions[i].choices for i in valid],
+                             samples=settings.answer_samples, sampling=answer_sampling,
+                             batch_size=settings.rollout_batch_size,
+                             generator=run.generator(iteration, "questioner-answers", step))
+    confidence = {i: vote.confidence for i, vote in zip(valid, votes)}
+    penalty = step_diversity_penalty([question.question if question else ""
+                                      for question in questions], settings.diversity_threshold)
+    rewards = torch.tensor([
+        questioner_reward(question is not None, confidence.get(i), float(penalty[i]),
+                          uncertainty_scale=settings.uncertainty_scale,
+                          diversity_weight=settings.diversity_weight,
+                          invalid_reward=settings.invalid_reward)
+        for i, question in enumerate(questions)])
+    valid_count, count, confidence_sum, penalty_sum = distributed.all_reduce_sum(
+        [len(valid), len(questions), sum(confidence.values()), float(penalty.sum())])
+    metrics = {"invalid_rate": 1 - valid_count / count,
+               "confidence_mean": confidence_sum / max(valid_count, 1),
+               "diversity_penalty_mean": penalty_sum / count,
+               "seconds_sampling": seconds_sampling,
+               "seconds_scoring": time.perf_counter() - started}
+    return RolloutBatch(prompts, sampled, rewards, metrics)
+
+
+def reasoner_batch(run, iteration, *, kept, order, policy, processor, tokens, step):
+    """Step 4's rollout batch: the reasoner answers G times each kept question of the step; reward
+    0.9 * [boxed answer equals the silver answer] + 0.1 * [boxed] (`rewards.reasoner_reward`)."""
+    settings, model_settings = run.cfg.reasoner, run.cfg.model
+    started = time.perf_counter()
+    per_step = settings.prompts_per_step
+    rows = my_part([kept[i] for i in order[step * per_step:(step + 1) * per_step]],
+                   blocks=settings.updates_per_step)
+    prompts = [reasoner_prompt(processor, load_image(row["image"], model_settings.min_pixels,
+                                                     model_settings.max_pixels), row["question"])
+               for row in rows]
+    sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
+                        settings.max_new_tokens)
+    with gathered(policy):
+        sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
+                          tokens=tokens, batch_size=settings.rollout_batch_size,
+                          generator=run.generator(iteration, "reasoner", step))
+    texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
+    seconds_sampling = time.perf_counter() - started
+
+    started = time.perf_counter()
+    rewards = torch.tensor([
+        reasoner_reward(text, rows[p]["silver_answer"], rows[p]["choices"],
+                        accuracy_weight=settings.accuracy_weight,
+                        format_weight=settings.format_weight)
+        for text, p in zip(texts, sampled.prompt_index.tolist())])
+    metrics = {"seconds_sampling": seconds_sampling,
+               "seconds_scoring": time.perf_counter() - started}
+    return RolloutBatch(prompts, sampled, rewards, metrics)
+
+
+def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
+    """One role's GRPO stage: from the weights at start_path to a save_pretrained folder at
+    out_path, `steps` GRPO steps, resumable.
+
+    make_batch(policy=, processor=, tokens=, step=) -> `RolloutBatch` samples and rewards this
+    rank's share of step `step` (`questioner_batch` or `reasoner_batch`, their other arguments
+    bound). Checkpoints every `save_every` steps go to RUN/checkpoints/<out folder name>/; a rerun
+    continues from the newest complete one.
+    """
+    settings = getattr(run.cfg, role)
+    policy, processor = run.load_model(start_path, trainable=True)
+    # The KL term's anchor: the stage's starting weights, frozen.
+    reference = None
+    if settings.kl_coef > 0:
+        reference, _ = run.load_model(start_path, trainable=False)
+    optimizer = make_optimizer(policy, settings)
+    tokens = special_tokens(processor, policy)
+    folder = run.path("checkpoints", os.path.basename(out_path))
+    start = 0
+    found = checkpoint.latest(folder)
+    if found is not None:
+        start, path = found
+        checkpoint.load(path, policy, optimizer)
+        log.info("[iter %d %s] resumed from %s", iteration, role, path)
+    run.restart_metrics(iteration, role, from_step=start)
+    for step in range(start, settings.steps):
+        batch = make_batch(policy=policy, processor=processor, tokens=tokens, step=step)
+        metrics = train_step(policy, reference, optimizer, prompts=batch.prompts,
+                             sampled=batch.sampled, rewards=batch.rewards, tokens=tokens,
+                             cfg=settings)
+        metrics.update(batch.metrics, iteration=iteration, stage=role, step=step)
+        run.log_metrics(metrics)
+        log.info("[iter %d %s %d/%d] reward %.3f±%.3f  kl %.4f  entropy %.2f  len %.1f  grad %.3f"
+                 "  time sample %.1fs score %.1fs train %.1fs", iteration, role, step + 1,
+                 settings.steps, metrics["reward_mean"], metrics["reward_std"], metrics["kl"],
+                 metrics["entropy"], metrics["response_length_mean"], metrics["grad_norm"],
+                 metrics["seconds_sampling"], metrics["seconds_scoring"],
+                 metrics["seconds_training"])
+        done = step + 1
+        if run.cfg.save_every and done % run.cfg.save_every == 0 and done < settings.steps:
+            checkpoint.save(folder, done, policy, optimizer)
+    run.export(policy, processor, out_path)
+    checkpoint.remove(folder)
+
+
+def train_questioner(run, iteration, *, questioner_path, reasoner_path, out_path):
+    """Step 1: GRPO on the questioner against the frozen reasoner of the previous iteration."""
+    reasoner, _ = run.load_model(reasoner_path, trainable=False)
+    train_stage(run, "questioner", iteration, start_path=questioner_path, out_path=out_path,
+                make_batch=partial(questioner_batch, run, iteration, reasoner=reasoner))
+
+
+def train_reasoner(run, iteration, *, reasoner_path, kept_path, out_path):
+    """Step 4: GRPO on the reasoner over the kept questions and their silver labels."""
+    kept = read_jsonl(kept_path)
+    if not kept:
+        log.warning("[iter %d reasoner] no question passed the informative filter: "
+                    "S_%d = S_%d unchanged", iteration, iteration, iteration - 1)
+        if distributed.is_main():
+            with atomic_path(out_path) as tmp:
+                shutil.copytree(reasoner_path, tmp)
+        distributed.barrier()
+        return
+    settings = run.cfg.reasoner
+    order = draw(seed_for(run.cfg.seed, iteration, "reasoner-questions"), len(kept),
+                 settings.steps * settings.prompts_per_step)
+    train_stage(run, "reasoner", iteration, start_path=reasoner_path, out_path=out_path,
+                make_batch=partial(reasoner_batch, run, iteration, kept=kept, order=order))
+
+
+# ----------------------------------------------------------------------------
+# Questions, silver labels, evaluation (steps 2, 3 and 5)
+
+
+def generate_questions(run, iteration, *, questioner_path, out_path):
+    """Step 2: the trained questioner writes k questions per pool image -> questions_v{i}.jsonl."""
+    settings = run.cfg.generation
+    model, processor = run.load_model(questioner_path, trainable=False)
     tokens = special_tokens(processor, model)
-    sampling = Sampling(gcfg.temperature, gcfg.top_p, 0, gcfg.max_new_tokens)
+    sampling = Sampling(settings.temperature, settings.top_p, 0, settings.max_new_tokens)
 
     def work(chunk):
-        loaded = [(i, run.pool.load(i)) for i in range(chunk * gcfg.batch_size,
-                                                         min((chunk + 1) * gcfg.batch_size, len(run.pool)))]
+        first = chunk * settings.batch_size
+        loaded = [(i, run.pool.load(i))
+                  for i in range(first, min(first + settings.batch_size, len(run.pool)))]
         indices = [i for i, image in loaded if image is not None]
         if not indices:
             return []
         prompts = [questioner_prompt(processor, image) for _, image in loaded if image is not None]
-        result = rollout(model, prompts, gcfg.questions_per_image, sampling, tokens, gcfg.batch_size,
-                         run.generator(iteration, "generate", chunk))
+        sampled = rollout(model, prompts, group_size=settings.questions_per_image,
+                          sampling=sampling, tokens=tokens, batch_size=settings.batch_size,
+                          generator=run.generator(iteration, "generate", chunk))
         rows = []
-        for row, text in enumerate(decode(processor, result.completion_ids, result.completion_mask)):
-            index = indices[result.prompt_index[row]]
-            q = parse_question(text)
-            rows.append({"image": run.pool.paths[index], "image_index": index, "raw": text, "valid": q is not None,
-                         "type": q.type if q else None, "question": q.question if q else None,
-                         "questioner_answer": q.answer if q else None, "choices": q.choices if q else None})
+        texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
+        for row, text in enumerate(texts):
+            index = indices[sampled.prompt_index[row]]
+            parsed = parse_question(text)
+            rows.append({"image": run.pool.paths[index], "image_index": index, "raw": text,
+                         "valid": parsed is not None, "type": parsed.type if parsed else None,
+                         "question": parsed.question if parsed else None,
+                         "questioner_answer": parsed.answer if parsed else None,
+                         "choices": parsed.choices if parsed else None})
         return rows
 
     with gathered(model):
-        rows = run.in_parts(out_path, -(-len(run.pool) // gcfg.batch_size), work)
+        rows = run.in_parts(out_path, -(-len(run.pool) // settings.batch_size), work)
     if distributed.is_main():
         write_jsonl(out_path, rows)
-        log.info("[iter %d generate] %d questions for %d images, %.1f%% invalid", iteration, len(rows),
-                 len(run.pool), 100 * sum(not r["valid"] for r in rows) / max(len(rows), 1))
+        invalid = sum(not r["valid"] for r in rows)
+        log.info("[iter %d generate] %d questions for %d images, %.1f%% invalid", iteration,
+                 len(rows), len(run.pool), 100 * invalid / max(len(rows), 1))
     run.done_parts(out_path)
 
 
-def label_questions(run, iteration, solver_path, questions_path, labeled_path, kept_path):
-    """Stage 3: silver labels by majority vote of the frozen solver, then the informative filter."""
-    lcfg, mcfg = run.cfg.labeling, run.cfg.model
+def keep_informative(labeled, p_low, p_high):
+    """The informative filter: the labeled questions with a silver answer whose confidence p lies
+    in [p_low, p_high]. Too-confident questions teach nothing; too-scattered ones carry noisy
+    labels."""
+    return [row for row in labeled
+            if row["silver_answer"] is not None and p_low <= row["confidence"] <= p_high]
+
+
+def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_path, kept_path):
+    """Step 3: silver labels by majority vote of the frozen reasoner, then `keep_informative`."""
+    settings, model_settings = run.cfg.labeling, run.cfg.model
     rows = [r for r in read_jsonl(questions_path) if r["valid"]]
-    model, processor = run.load(solver_path, trainable=False)
-    sampling = Sampling(lcfg.temperature, lcfg.top_p, 0, lcfg.max_new_tokens)
+    model, processor = run.load_model(reasoner_path, trainable=False)
+    sampling = Sampling(settings.temperature, settings.top_p, 0, settings.max_new_tokens)
 
     def work(chunk):
-        images, ok = [], []
-        for r in rows[chunk * lcfg.batch_size:(chunk + 1) * lcfg.batch_size]:
+        images, readable = [], []
+        for r in rows[chunk * settings.batch_size:(chunk + 1) * settings.batch_size]:
             try:
-                images.append(load_image(r["image"], mcfg.min_pixels, mcfg.max_pixels))
-                ok.append(r)
+                images.append(load_image(r["image"], model_settings.min_pixels,
+                                         model_settings.max_pixels))
+                readable.append(r)
             except ValueError as error:
                 log.warning("labeling skipped a question: %s", error)
-        votes = answer_votes(model, processor, images, [r["question"] for r in ok], [r["choices"] for r in ok],
-                             lcfg.answers_per_question, sampling, lcfg.batch_size,
-                             run.generator(iteration, "label", chunk))
-        return [{**r, "answers": answers, "silver_answer": silver, "confidence": confidence}
-                for r, (silver, confidence, answers) in zip(ok, votes)]
+        votes = answer_votes(model, processor, images=images,
+                             questions=[r["question"] for r in readable],
+                             choices=[r["choices"] for r in readable],
+                             samples=settings.answers_per_question, sampling=sampling,
+                             batch_size=settings.batch_size,
+                             generator=run.generator(iteration, "label", chunk))
+        return [{**r, "answers": vote.answers, "silver_answer": vote.silver_answer,
+                 "confidence": vote.confidence} for r, vote in zip(readable, votes)]
 
     with gathered(model):
-        labeled = run.in_parts(labeled_path, -(-len(rows) // lcfg.batch_size), work)
+        labeled = run.in_parts(labeled_path, -(-len(rows) // settings.batch_size), work)
     if distributed.is_main():
-        kept = [r for r in labeled if r["silver_answer"] is not None and lcfg.p_low <= r["confidence"] <= lcfg.p_high]
+        kept = keep_informative(labeled, settings.p_low, settings.p_high)
         write_jsonl(labeled_path, labeled)
         write_jsonl(kept_path, kept)  # last: its existence marks the stage done
-        log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f])", iteration, len(labeled), len(kept),
-                 lcfg.p_low, lcfg.p_high)
+        log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f])", iteration,
+                 len(labeled), len(kept), settings.p_low, settings.p_high)
     run.done_parts(labeled_path)
 
 
-def train_reasoner(run, iteration, solver_path, kept_path, out_path):
-    """Stage 4: GRPO on the solver over the kept questions, reward 0.9 * matches silver + 0.1 * boxed."""
-    rcfg, mcfg = run.cfg.reasoner, run.cfg.model
-    kept = read_jsonl(kept_path)
-    if not kept:
-        log.warning("[iter %d reasoner] no question passed the informative filter: S_%d = S_%d unchanged",
-                    iteration, iteration, iteration - 1)
-        if distributed.is_main():
-            shutil.rmtree(out_path + ".tmp", ignore_errors=True)
-            shutil.copytree(solver_path, out_path + ".tmp")
-            atomic_replace_dir(out_path + ".tmp", out_path)
-        distributed.barrier()
-        return
-    sampling = Sampling(rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.max_new_tokens)
-    order = draw(seed_for(run.cfg.seed, iteration, "reasoner-questions"), len(kept), rcfg.steps * rcfg.prompts_per_step)
-
-    def make_batch(policy, processor, tokens, step):
-        timer = Timer()
-        batch = my_part([kept[i] for i in order[step * rcfg.prompts_per_step:(step + 1) * rcfg.prompts_per_step]],
-                        rcfg.updates_per_step)
-        prompts = [reasoner_prompt(processor, load_image(r["image"], mcfg.min_pixels, mcfg.max_pixels),
-                                   r["question"]) for r in batch]
-        with gathered(policy):
-            result = rollout(policy, prompts, rcfg.group_size, sampling, tokens, rcfg.rollout_batch_size,
-                             run.generator(iteration, "reasoner", step))
-        texts = decode(processor, result.completion_ids, result.completion_mask)
-        seconds_sampling = timer.lap()
-        rewards = torch.tensor([reasoner_reward(text, batch[p]["silver_answer"], batch[p]["choices"],
-                                                rcfg.accuracy_weight, rcfg.format_weight)
-                                for text, p in zip(texts, result.prompt_index.tolist())])
-        return prompts, result, rewards, {"seconds_sampling": seconds_sampling, "seconds_scoring": timer.lap()}
-
-    run.train("reasoner", iteration, solver_path, out_path, make_batch)
-
-
-def evaluate_solver(run, iteration, solver_path, out_path):
-    """Stage 5: greedy accuracy (and sampled pass@1 / majority@k) of a solver on every benchmark."""
-    ecfg, mcfg = run.cfg.eval, run.cfg.model
-    model, processor = run.load(solver_path, trainable=False)
+def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
+    """Step 5: greedy accuracy (and sampled pass@1 / majority@k) of a reasoner on every
+    benchmark -> eval_v{i}.json, and one graded row per item -> eval_v{i}_items.jsonl."""
+    settings, model_settings = run.cfg.eval, run.cfg.model
+    model, processor = run.load_model(reasoner_path, trainable=False)
     summaries, items_rows = {}, []
     for name, items in run.benchmarks.items():
-        items = items[:ecfg.max_items] if ecfg.max_items else items
+        items = items[:settings.max_items] if settings.max_items else items
         with gathered(model):
-            mine = evaluate(model, processor, my_part(items), mcfg.min_pixels, mcfg.max_pixels, ecfg.max_new_tokens,
-                            ecfg.batch_size, ecfg.samples, seed_for(run.cfg.seed, "eval", distributed.rank()),
+            mine = evaluate(model, processor, my_part(items), min_pixels=model_settings.min_pixels,
+                            max_pixels=model_settings.max_pixels,
+                            max_new_tokens=settings.max_new_tokens,
+                            batch_size=settings.batch_size, samples=settings.samples,
+                            seed=seed_for(run.cfg.seed, "eval", distributed.rank()),
                             progress=distributed.is_main())
         results = distributed.all_gather_list(mine)
         summaries[name] = summarize(results)
@@ -269,56 +395,38 @@ def evaluate_solver(run, iteration, solver_path, out_path):
     distributed.barrier()
 
 
-def question_diversity(questions, limit=2000):
-    """Distinct-question ratio and mean pairwise BLEU of (at most `limit` of) the generated questions."""
-    if not questions:
-        return {"distinct_ratio": None, "mean_pairwise_bleu": None}
-    sample = questions[:limit]
-    n = len(sample)
-    pairwise = float(1 - bleu_distance_matrix(sample)[np.triu_indices(n, 1)].mean()) if n > 1 else None
-    return {"distinct_ratio": len(set(questions)) / len(questions), "mean_pairwise_bleu": pairwise}
-
-
-def iteration_summary(run, iteration):
-    """One line per iteration from the files the stages wrote (so a resumed run writes the same)."""
-    row = {"iteration": iteration}
-    if iteration > 0:
-        generated = read_jsonl(run.path(f"questions_v{iteration}.jsonl"))
-        labeled = read_jsonl(run.path(f"labeled_v{iteration}.jsonl"))
-        kept = read_jsonl(run.path(f"kept_v{iteration}.jsonl"))
-        confidences = [r["confidence"] for r in labeled if r["silver_answer"] is not None]
-        row.update(generated=len(generated), invalid_rate=sum(not r["valid"] for r in generated) / max(len(generated), 1),
-                   labeled=len(labeled), kept=len(kept),
-                   kept_confidence_mean=float(np.mean([r["confidence"] for r in kept])) if kept else None,
-                   confidence_histogram=np.histogram(confidences, bins=10, range=(0, 1))[0].tolist(),
-                   **question_diversity([r["question"] for r in generated if r["valid"]]))
-    with open(run.path(f"eval_v{iteration}.json")) as f:
-        evals = json.load(f)
-    row["eval"] = {name: {k: v for k, v in s.items() if k != "by_category"} | {
-        "by_category": {c: round(x["accuracy"], 4) for c, x in s["by_category"].items()}} for name, s in evals.items()}
-    return row
+# ----------------------------------------------------------------------------
+# The loop and the command line
 
 
 def run_loop(cfg):
-    """The whole VisPlay run: evaluate the base, then T iterations of the five stages, resuming."""
+    """The whole VisPlay run: evaluate the base, then T iterations of the five steps, resuming."""
     started = time.perf_counter()
     run = Run(cfg)
     run.check_config()
-    log.info("run %s: %d pool images, base %s, device %s, %d process(es)", run.dir, len(run.pool), run.base,
-             run.device, distributed.world_size())
+    log.info("run %s: %d pool images, base %s, device %s, %d process(es)", run.dir, len(run.pool),
+             run.base, run.device, distributed.world_size())
     if not os.path.exists(run.path("eval_v0.json")):
-        evaluate_solver(run, 0, run.base, run.path("eval_v0.json"))
-    summaries = [iteration_summary(run, 0)]
+        evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
+    summaries = [iteration_summary(run.dir, 0)]
     for i in range(1, cfg.iterations + 1):
-        questioner_prev = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
-        solver_prev = run.base if i == 1 else run.path(f"solver_v{i - 1}")
-        stages = [
-            (f"questioner_v{i}", lambda out: train_questioner(run, i, questioner_prev, solver_prev, out)),
-            (f"questions_v{i}.jsonl", lambda out: generate_questions(run, i, run.path(f"questioner_v{i}"), out)),
-            (f"kept_v{i}.jsonl", lambda out: label_questions(run, i, solver_prev, run.path(f"questions_v{i}.jsonl"),
-                                                             run.path(f"labeled_v{i}.jsonl"), out)),
-            (f"solver_v{i}", lambda out: train_reasoner(run, i, solver_prev, run.path(f"kept_v{i}.jsonl"), out)),
-            (f"eval_v{i}.json", lambda out: evaluate_solver(run, i, run.path(f"solver_v{i}"), out)),
+        questioner_before = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
+        reasoner_before = run.base if i == 1 else run.path(f"reasoner_v{i - 1}")
+        stages = [  # (the file or folder that marks the step done, the step)
+            (f"questioner_v{i}", lambda out: train_questioner(
+                run, i, questioner_path=questioner_before, reasoner_path=reasoner_before,
+                out_path=out)),
+            (f"questions_v{i}.jsonl", lambda out: generate_questions(
+                run, i, questioner_path=run.path(f"questioner_v{i}"), out_path=out)),
+            (f"kept_v{i}.jsonl", lambda out: label_questions(
+                run, i, reasoner_path=reasoner_before,
+                questions_path=run.path(f"questions_v{i}.jsonl"),
+                labeled_path=run.path(f"labeled_v{i}.jsonl"), kept_path=out)),
+            (f"reasoner_v{i}", lambda out: train_reasoner(
+                run, i, reasoner_path=reasoner_before, kept_path=run.path(f"kept_v{i}.jsonl"),
+                out_path=out)),
+            (f"eval_v{i}.json", lambda out: evaluate_reasoner(
+                run, i, reasoner_path=run.path(f"reasoner_v{i}"), out_path=out)),
         ]
         for name, stage in stages:
             out = run.path(name)
@@ -326,7 +434,7 @@ def run_loop(cfg):
                 log.info("[iter %d] %s exists: stage skipped", i, name)
                 continue
             stage(out)
-        summaries.append(iteration_summary(run, i))
+        summaries.append(iteration_summary(run.dir, i))
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)
     if distributed.is_main():
@@ -335,52 +443,27 @@ def run_loop(cfg):
     return summaries
 
 
-def format_summary(summaries):
-    """The run's tables: per iteration, greedy accuracy, sampled pass@1 and majority@k per benchmark with
-    the question statistics; then, per benchmark, greedy accuracy per category."""
-    benches = list(summaries[0]["eval"])
-
-    def fmt(value, pattern, scale=1.0):
-        return pattern % (scale * value) if value is not None else "-"
-
-    head = "".join(f" | {b} acc | pass@1 | maj@k" for b in benches)
-    lines = [f"| iteration{head} | kept | mean p kept | invalid | distinct | pairwise BLEU |",
-             "|---" * (3 * len(benches) + 6) + "|"]
-    for s in summaries:
-        acc = "".join(f" | {fmt(s['eval'][b].get(k), '%.1f', 100)}" for b in benches
-                      for k in ("accuracy", "pass@1", "majority@k"))
-        lines.append(f"| {s['iteration']}{acc} | {s.get('kept', '-')} | {fmt(s.get('kept_confidence_mean'), '%.2f')}"
-                     f" | {fmt(s.get('invalid_rate'), '%.2f')} | {fmt(s.get('distinct_ratio'), '%.2f')}"
-                     f" | {fmt(s.get('mean_pairwise_bleu'), '%.2f')} |")
-    for b in benches:
-        categories = sorted({c for s in summaries for c in s["eval"][b].get("by_category", {})})
-        if len(categories) < 2:
-            continue
-        lines += ["", f"{b}: greedy accuracy per category", "",
-                  "| iteration | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
-        for s in summaries:
-            by = s["eval"][b].get("by_category", {})
-            lines.append(f"| {s['iteration']} | " + " | ".join(fmt(by.get(c), "%.1f", 100) for c in categories) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command line: load the config, run the loop. A user error (the config, a path it names)
+    ends with one line `error: ...` and exit status 2."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (config.yaml is the embedded default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set questioner.lr=1e-5 (repeatable)")
     args = parser.parse_args(argv)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports progress
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     try:
         cfg = load_config(args.config, args.set)
+        torch.manual_seed(cfg.seed)
+        run_loop(cfg)
     except ConfigError as error:
-        sys.exit(f"config error: {error}")
-    torch.manual_seed(cfg.seed)
-    run_loop(cfg)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def synthetic_questions(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [rng.choice(TEMPLATES).format(
         size=rng.choice(SIZES), color=rng.choice(COLORS), color2=rng.choice(COLORS),
-        shape=rng.choice(SHAPES), shape2=rng.choice(SHAPES), place=rng.choice(PLACES)) for _ in range(n)]
+        shape=rng.choice(SHAPES), shape2=rng.choice(SHAPES), place=rng.choice(PLACES))
+        for _ in range(n)]
 
 
 def seconds(fn, *args) -> tuple[float, object]:
@@ -48,7 +49,8 @@ def seconds(fn, *args) -> tuple[float, object]:
 
 
 def main() -> None:
-    print("| N | bleu_distance_matrix (s) | average_linkage_clusters (s) | diversity_penalty (s) | peak memory (MB) | clusters |")
+    print("| N | bleu_distance_matrix (s) | average_linkage_clusters (s) | diversity_penalty (s) "
+          "| peak memory (MB) | clusters |")
     print("|---:|---:|---:|---:|---:|---:|")
     for n in (256, 1024, 4096):
         questions = synthetic_questions(n)
@@ -60,7 +62,8 @@ def main() -> None:
         diversity_penalty(questions, 0.5)
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-        print(f"| {n} | {t_bleu:.3f} | {t_cluster:.3f} | {t_penalty:.3f} | {peak:.0f} | {labels.max() + 1} |")
+        print(f"| {n} | {t_bleu:.3f} | {t_cluster:.3f} | {t_penalty:.3f} | {peak:.0f} "
+              f"| {labels.max() + 1} |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def main():
             row = json.loads(line)
             groups[(row["iteration"], row["stage"])].append(row)
     keys = ("seconds_sampling", "seconds_scoring", "seconds_training")
-    print("| iteration | stage | steps | sampling (s) | scoring (s) | training (s) | total per step (s) |")
+    print("| iteration | stage | steps | sampling (s) | scoring (s) | training (s) "
+          "| total per step (s) |")
     print("|---|---|---|---|---|---|---|")
     for (iteration, stage), rows in sorted(groups.items()):
         means = [sum(r[k] for r in rows) / len(rows) for k in keys]

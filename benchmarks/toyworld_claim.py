@@ -1,18 +1,18 @@
-"""The embedded default's measured claim: held-out accuracy of the reasoner after T iterations vs the
-base, over several seeds, with ablations. Everything runs through `visplay.py`, as a user would.
+"""The embedded default's measured claim: held-out accuracy of the reasoner after T iterations vs
+the base, over several seeds, with ablations. Everything runs through `visplay.py`, as a user would.
 
     python benchmarks/toyworld_claim.py                      # seeds 0 1 2, all four settings
     python benchmarks/toyworld_claim.py --seeds 0 --settings full no_filter
 
 Settings (each on the same seeds, so on the same base, pool and benchmark per seed):
     full           config.yaml as it is
-    no_questioner  the questioner is never trained (questioner.steps=0): the base writes every question
+    no_questioner  the questioner is never trained (questioner.steps=0): the base writes them all
     no_diversity   no BLEU-cluster penalty (questioner.diversity_weight=0)
     no_filter      every voted question is kept (labeling.p_low=0, labeling.p_high=1)
 A seed's base is built once (by its first setting) and shared by the others through a symlink.
 Prints a markdown table per setting (greedy accuracy per iteration, gain over the base per seed,
-mean and spread, and how often the silver labels of the kept questions were right: an analysis with the
-world's ground truth that the loop itself never reads) and writes the numbers to OUT/claim.json.
+mean and spread, and how often the silver labels of the kept questions were right: an analysis with
+the world's ground truth that the loop itself never reads) and writes the numbers to OUT/claim.json.
 """
 
 import argparse
@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toyworld  # noqa: E402
-from rewards import answers_equivalent  # noqa: E402
+from answers import answers_equivalent  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
@@ -43,7 +43,8 @@ def run(out, seed, setting, extra):
     os.makedirs(run_dir, exist_ok=True)
     if os.path.isdir(shared) and not os.path.exists(os.path.join(run_dir, "embedded")):
         os.symlink(os.path.abspath(shared), os.path.join(run_dir, "embedded"))
-    args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config", os.path.join(ROOT, "config.yaml"),
+    args = [sys.executable, os.path.join(ROOT, "visplay.py"),
+            "--config", os.path.join(ROOT, "config.yaml"),
             "--set", f"run_dir={run_dir}", "--set", f"seed={seed}"]
     for override in SETTINGS[setting] + extra:
         args += ["--set", override]
@@ -55,15 +56,17 @@ def run(out, seed, setting, extra):
         os.symlink(os.path.abspath(shared), os.path.join(run_dir, "embedded"))
     with open(os.path.join(run_dir, "summary.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    print(f"seed {seed} {setting}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"seed {seed} {setting}: {time.perf_counter() - started:.0f} s", file=sys.stderr,
+          flush=True)
     return rows
 
 
 def silver_accuracy(out, seed, setting, iteration):
-    """Post-hoc analysis (the loop never sees it): the share of kept questions whose silver answer equals
-    the true answer of its pool scene, among those whose truth the scene determines."""
+    """Post-hoc analysis (the loop never sees it): the share of kept questions whose silver answer
+    equals the true answer of its pool scene, among those whose truth the scene determines."""
     world = toyworld.WorldConfig()
-    pool = toyworld.scenes(seed + 1, world.pool_images, world.rows, world.cols, world.shifted_things)
+    pool = toyworld.scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
+                           things=world.shifted_things)
     path = os.path.join(out, f"seed{seed}", setting, f"kept_v{iteration}.jsonl")
     if not os.path.exists(path):
         return float("nan"), 0
@@ -80,30 +83,35 @@ def accuracy(row, key="accuracy"):
 
 
 def table(out, setting, results):
-    """Markdown rows for one setting: per seed the greedy accuracy at every iteration, the final gains,
-    and the accuracy of the silver labels of the kept questions per iteration (in brackets: how many)."""
+    """Markdown rows for one setting: per seed the greedy accuracy at every iteration, the final
+    gains, and the accuracy of the silver labels of the kept questions per iteration (in brackets:
+    how many)."""
     iterations = len(next(iter(results.values())))
     lines = [f"### {setting}", "",
-             "| seed | " + " | ".join(f"iter {i}" for i in range(iterations)) + " | gain | pass@1 gain | maj@k gain | "
+             "| seed | " + " | ".join(f"iter {i}" for i in range(iterations))
+             + " | gain | pass@1 gain | maj@k gain | "
              + " | ".join(f"silver acc v{i}" for i in range(1, iterations)) + " |",
              "|---" * (2 * iterations + 3) + "|"]
     gains = []
     for seed, rows in results.items():
         gain = accuracy(rows[-1]) - accuracy(rows[0])
         gains.append(gain)
-        sampled = [accuracy(rows[-1], k) - accuracy(rows[0], k) if k in rows[0]["eval"]["toyworld"] else float("nan")
+        sampled = [accuracy(rows[-1], k) - accuracy(rows[0], k)
+                   if k in rows[0]["eval"]["toyworld"] else float("nan")
                    for k in ("pass@1", "majority@k")]
+        silver = " | ".join("%.1f (%d)" % silver_accuracy(out, seed, setting, i)
+                            for i in range(1, iterations))
         lines.append(f"| {seed} | " + " | ".join(f"{accuracy(r):.1f}" for r in rows) +
-                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} | " +
-                     " | ".join("%.1f (%d)" % silver_accuracy(out, seed, setting, i) for i in range(1, iterations)) + " |")
+                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} | {silver} |")
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-    lines += ["", f"mean gain {statistics.mean(gains):+.1f} points (std {spread:.1f}, min {min(gains):+.1f}, "
-                  f"max {max(gains):+.1f}) over {len(gains)} seeds", ""]
+    lines += ["", f"mean gain {statistics.mean(gains):+.1f} points (std {spread:.1f}, "
+                  f"min {min(gains):+.1f}, max {max(gains):+.1f}) over {len(gains)} seeds", ""]
     return "\n".join(lines), gains
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "claim"))

@@ -26,16 +26,19 @@ def tiny_corpus():
     texts = [QUESTIONER_INSTRUCTION] * 20
     for seed in range(200):
         rng = random.Random(seed)
-        q = make_question(FAMILIES[seed % 4], random_scene(rng, 4, 4, 2, 6), rng)
+        q = make_question(FAMILIES[seed % 4],
+                          random_scene(rng, rows=4, cols=4, min_things=2, max_things=6), rng)
         texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
     return texts
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised tiny Qwen2.5-VL (+ tokenizer, processor) saved with save_pretrained."""
+    """A randomly initialised tiny Qwen2.5-VL (+ tokenizer, processor) saved with
+    save_pretrained."""
     path = str(tmp_path_factory.mktemp("tiny") / "model")
-    build_tiny_vlm(path, tiny_corpus(), seed=0, vocab_size=400, min_pixels=28 * 28, max_pixels=28 * 28 * 16)
+    build_tiny_vlm(path, tiny_corpus(), seed=0, vocab_size=400, min_pixels=28 * 28,
+                   max_pixels=28 * 28 * 16)
     return path
 
 
@@ -47,7 +50,7 @@ def image_dir(tmp_path_factory):
     rng = random.Random(0)
     for i in range(12):
         rows, cols = rng.choice([(2, 2), (3, 4), (4, 4)])
-        scene = random_scene(rng, rows, cols, 1, rows * cols // 2)
+        scene = random_scene(rng, rows=rows, cols=cols, min_things=1, max_things=rows * cols // 2)
         scene.render().save(root / ("sub" if i % 2 else "") / f"{i:02d}.png")
     return str(root)
 
@@ -59,7 +62,7 @@ def benchmark_file(tmp_path_factory):
     rng = random.Random(1)
     rows = []
     for i in range(16):
-        scene = random_scene(rng, 4, 4, 2, 6)
+        scene = random_scene(rng, rows=4, cols=4, min_things=2, max_things=6)
         q = make_question(FAMILIES[i % 4], scene, rng)
         scene.render().save(root / f"{i}.png")
         rows.append({"id": str(i), "image": f"{i}.png", "question": q.question, "answer": q.answer,
@@ -77,7 +80,8 @@ def format_model_dir(tmp_path_factory, tiny_model_dir):
     from vlm import load_vlm, save_vlm
 
     model, processor = load_vlm(tiny_model_dir)
-    pretrain(model, processor, WorldConfig(), BaseConfig(steps=60, batch_size=8, lr=5e-3), seed=0)
+    pretrain(model, processor, world=WorldConfig(),
+             base=BaseConfig(steps=60, batch_size=8, lr=5e-3), seed=0)
     path = str(tmp_path_factory.mktemp("format") / "model")
     save_vlm(model, processor, path)
     return path

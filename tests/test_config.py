@@ -18,7 +18,8 @@ from config import (
     load_config,
 )
 
-REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.yaml")
+REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "config.yaml")
 
 
 def write(tmp_path, text, name="cfg.yaml"):
@@ -73,8 +74,8 @@ def _dataclass_keys(cls, prefix=""):
 
 
 def _yaml_leaves(data, prefix=""):
-    """(path, value) of every leaf of the YAML sections (a mapping under a section key is a leaf only
-    where the dataclass field is itself a mapping, e.g. eval.benchmarks)."""
+    """(path, value) of every leaf of the YAML sections (a mapping under a section key is a leaf
+    only where the dataclass field is itself a mapping, e.g. eval.benchmarks)."""
     out = {}
     sections = {f.name for f in dataclasses.fields(Config)
                 if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])}
@@ -158,7 +159,7 @@ def test_wrong_type(tmp_path, text, key):
 
 @pytest.mark.parametrize("text, key", [
     ("labeling:\n  p_low: 0.9\n", "labeling.p_low"),           # p_high stays 0.8
-    ("labeling:\n  p_high: 1.5\n", "labeling.p_low"),
+    ("labeling:\n  p_high: 1.5\n", "labeling.p_high"),
     ("questioner:\n  group_size: 1\n", "questioner.group_size"),
     ("reasoner:\n  group_size: 0\n", "reasoner.group_size"),
     ("reasoner:\n  loss_agg: foo\n", "reasoner.loss_agg"),
@@ -173,29 +174,57 @@ def test_wrong_type(tmp_path, text, key):
     ("device: gpu\n", "device"),
     ("iterations: 0\n", "iterations"),
     ("data:\n  max_images: 0\n", "data.max_images"),
+    # each of these was once reported under another key (kl_coef, eps_low, answer_temperature,
+    # labeling.*): the message must start with the key that is wrong
+    ("questioner:\n  lr: -1.0e-5\n", "questioner.lr"),
+    ("reasoner:\n  grad_clip: 0\n", "reasoner.grad_clip"),
+    ("reasoner:\n  kl_coef: -0.1\n", "reasoner.kl_coef"),
+    ("questioner:\n  eps_high: -0.3\n", "questioner.eps_high"),
+    ("questioner:\n  answer_top_p: 1.5\n", "questioner.answer_top_p"),
+    ("questioner:\n  answer_temperature: 0\n", "questioner.answer_temperature"),
+    ("generation:\n  temperature: 0\n", "generation.temperature"),
+    ("generation:\n  top_p: 0\n", "generation.top_p"),
+    ("generation:\n  questions_per_image: 0\n", "generation.questions_per_image"),
+    ("labeling:\n  top_p: 2\n", "labeling.top_p"),
+    # keys that were not checked at all
+    ("reasoner:\n  weight_decay: -1\n", "reasoner.weight_decay"),
+    ("questioner:\n  answer_max_new_tokens: 0\n", "questioner.answer_max_new_tokens"),
+    ("questioner:\n  diversity_weight: -1\n", "questioner.diversity_weight"),
+    ("generation:\n  batch_size: 0\n", "generation.batch_size"),
+    ("labeling:\n  max_new_tokens: 0\n", "labeling.max_new_tokens"),
+    ("eval:\n  samples: -1\n", "eval.samples"),
+    ("eval:\n  max_items: 0\n", "eval.max_items"),
+    ("eval:\n  batch_size: 0\n", "eval.batch_size"),
+    ("model:\n  attn_implementation: flash\n", "model.attn_implementation"),
 ])
 def test_bad_value(tmp_path, text, key):
-    with pytest.raises(ConfigError, match=re.escape(key)):
+    """The message starts with the key that is wrong (not merely mentions it)."""
+    with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, text))
+    assert str(error.value).startswith(f"{key}: "), str(error.value)
 
 
 def test_values_at_the_limits_are_accepted(tmp_path):
-    cfg = load_config(write(tmp_path, "labeling:\n  p_low: 0.8\n  p_high: 0.8\nquestioner:\n  group_size: 2\n"
-                                      "  prompts_per_step: 16\n  updates_per_step: 16\nreasoner:\n  dual_clip: 0\n"))
+    cfg = load_config(write(tmp_path, "labeling:\n  p_low: 0.8\n  p_high: 0.8\n"
+                                      "questioner:\n  group_size: 2\n"
+                                      "  prompts_per_step: 16\n  updates_per_step: 16\n"
+                                      "reasoner:\n  dual_clip: 0\n"))
     assert cfg.labeling.p_low == cfg.labeling.p_high == 0.8
     assert cfg.questioner.group_size == 2 and cfg.questioner.updates_per_step == 16
     assert cfg.reasoner.dual_clip == 0.0
 
 
 def test_int_accepted_for_float_field(tmp_path):
-    cfg = load_config(write(tmp_path, "questioner:\n  lr: 1\n  temperature: 2\nreasoner:\n  betas: [0, 0.5]\n"))
+    cfg = load_config(write(tmp_path, "questioner:\n  lr: 1\n  temperature: 2\n"
+                                      "reasoner:\n  betas: [0, 0.5]\n"))
     assert cfg.questioner.lr == 1.0 and type(cfg.questioner.lr) is float
     assert cfg.questioner.temperature == 2.0 and type(cfg.questioner.temperature) is float
     assert cfg.reasoner.betas == [0.0, 0.5] and all(type(b) is float for b in cfg.reasoner.betas)
 
 
 def test_optional_fields_accept_null_and_values(tmp_path):
-    cfg = load_config(write(tmp_path, "model:\n  path: /ckpt\ndata:\n  max_images: 5\neval:\n  max_items: null\n"))
+    cfg = load_config(write(tmp_path, "model:\n  path: /ckpt\ndata:\n  max_images: 5\n"
+                                      "eval:\n  max_items: null\n"))
     assert cfg.model.path == "/ckpt" and cfg.data.max_images == 5 and cfg.eval.max_items is None
 
 
@@ -205,8 +234,9 @@ def test_optional_fields_accept_null_and_values(tmp_path):
 
 def test_overrides_parse_values_as_yaml(tmp_path):
     path = write(tmp_path, "model:\n  path: /some/ckpt\nquestioner:\n  steps: 4\n")
-    cfg = load_config(path, ["questioner.lr=3.0e-5", "eval.benchmarks={a: b.jsonl}", "model.path=null",
-                             "questioner.steps=7", "run_dir=runs/try=2", " seed = 5 ", "reasoner.betas=[0.8, 0.9]"])
+    cfg = load_config(path, ["questioner.lr=3.0e-5", "eval.benchmarks={a: b.jsonl}",
+                             "model.path=null", "questioner.steps=7", "run_dir=runs/try=2",
+                             " seed = 5 ", "reasoner.betas=[0.8, 0.9]"])
     assert cfg.questioner.lr == 3e-5 and type(cfg.questioner.lr) is float
     assert cfg.eval.benchmarks == {"a": "b.jsonl"}
     assert cfg.model.path is None
@@ -219,7 +249,8 @@ def test_overrides_parse_values_as_yaml(tmp_path):
 
 
 def test_overrides_without_file_and_later_wins():
-    cfg = load_config(None, ["questioner.steps=3", "questioner.steps=5", "model.freeze_vision=true"])
+    cfg = load_config(None, ["questioner.steps=3", "questioner.steps=5",
+                             "model.freeze_vision=true"])
     assert cfg.questioner.steps == 5 and cfg.model.freeze_vision is True
 
 
@@ -258,6 +289,24 @@ def test_malformed_yaml_names_file(tmp_path):
     path = write(tmp_path, "questioner:\n  steps: [1, 2\n  lr: 0.1\n", name="broken.yaml")
     with pytest.raises(ConfigError, match=re.escape(path)):
         load_config(path)
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    path = write(tmp_path, "questioner:\n  steps: [1, 2\n  lr: 0.1\n", name="broken.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "\n" not in str(error.value) and "line" in str(error.value)
+
+
+def test_override_whose_value_is_not_yaml():
+    with pytest.raises(ConfigError, match=re.escape("questioner.lr")):
+        load_config(None, ["questioner.lr=[1e-5"])
+
+
+def test_section_given_a_value_names_the_section(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, "model: 3\n"))
+    assert str(error.value).startswith("model: "), str(error.value)
 
 
 def test_top_level_not_a_mapping_names_file(tmp_path):

@@ -1,7 +1,6 @@
-"""Tests of data.py: image listing, resizing, loading, JSONL I/O, shape rendering.
+"""Tests of data.py: image listing, resizing, loading, JSONL I/O, atomic writes.
 
-Expected sizes are worked out by hand from Qwen's smart_resize rule (arithmetic in the comments);
-expected pixel colours come from the COLORS table and the geometry of the grid."""
+Expected sizes are worked out by hand from Qwen's smart_resize rule (arithmetic in the comments)."""
 
 import json
 import logging
@@ -13,14 +12,12 @@ import pytest
 from PIL import Image
 
 from data import (
-    COLORS,
     IMAGE_EXTENSIONS,
     ImagePool,
     fit_pixels,
     list_images,
     load_image,
     read_jsonl,
-    render_shapes,
     write_json,
     write_jsonl,
 )
@@ -41,14 +38,17 @@ def _save(path, size=(8, 8), colour=(10, 20, 30)):
 
 def test_list_images_folder_recursive_sorted_all_extensions(tmp_path):
     root = tmp_path / "imgs"
-    names = ["a.jpg", "B.PNG", "c.jpeg", "sub/d.webp", "sub/deeper/e.bmp", "z.gif", "sub/f.JpG", "g.Gif"]
+    names = ["a.jpg", "B.PNG", "c.jpeg", "sub/d.webp", "sub/deeper/e.bmp", "z.gif", "sub/f.JpG",
+             "g.Gif"]
     for name in names:
         _save(str(root / name))
     # ignored: other extensions, an extension only as part of a longer one, no extension
     for name in ["notes.txt", "sub/pic.tiff", "h.png.txt", "sub/deeper/pngfile", "x.svg"]:
         (root / name).write_text("not an image")
-    # sorted as full path strings: uppercase < lowercase; 'sub/d.webp' < 'sub/deeper/...' as '.' (0x2e) < 'e'
-    expected = ["B.PNG", "a.jpg", "c.jpeg", "g.Gif", "sub/d.webp", "sub/deeper/e.bmp", "sub/f.JpG", "z.gif"]
+    # sorted as full path strings: uppercase < lowercase; 'sub/d.webp' < 'sub/deeper/...' as
+    # '.' (0x2e) < 'e'
+    expected = ["B.PNG", "a.jpg", "c.jpeg", "g.Gif", "sub/d.webp", "sub/deeper/e.bmp", "sub/f.JpG",
+                "z.gif"]
     got = list_images(str(root))
     assert got == [os.path.join(str(root), *n.split("/")) for n in expected]
 
@@ -58,7 +58,8 @@ def test_list_images_every_listed_extension_is_accepted(tmp_path):
     for ext in IMAGE_EXTENSIONS:
         _save(str(tmp_path / f"img{ext.upper()}"))
     got = list_images(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in got) == sorted(f"img{e.upper()}" for e in IMAGE_EXTENSIONS)
+    assert (sorted(os.path.basename(p) for p in got)
+            == sorted(f"img{e.upper()}" for e in IMAGE_EXTENSIONS))
 
 
 def test_list_images_relative_folder_gives_absolute_paths(tmp_path, monkeypatch):
@@ -135,7 +136,8 @@ def test_list_images_manifest_row_not_an_object(tmp_path):
     # 100x100: round(100/28)=4 -> 112; 112*112 = 12544 <= max -> 112x112
     ((100, 100), MIN, MAX, (112, 112)),
     # w=1000, h=500: 504*1008 > max; beta = sqrt(500000/12544) = 6.3134;
-    # h: floor(500/6.3134/28) = floor(2.83) = 2 -> 56; w: floor(1000/6.3134/28) = floor(5.66) = 5 -> 140
+    # h: floor(500/6.3134/28) = floor(2.83) = 2 -> 56;
+    # w: floor(1000/6.3134/28) = floor(5.66) = 5 -> 140
     ((1000, 500), MIN, MAX, (140, 56)),
     # w=300, h=200: 196*308 = 60368 > max; beta = sqrt(60000/12544) = 2.1871;
     # h: floor(91.45/28) = 3 -> 84; w: floor(137.17/28) = 4 -> 112
@@ -143,7 +145,8 @@ def test_list_images_manifest_row_not_an_object(tmp_path):
     # w=20, h=10: round -> 28 x 0 = 0 < min; beta = sqrt(784/200) = 1.9799;
     # h: ceil(19.8/28) = 1 -> 28; w: ceil(39.6/28) = 2 -> 56
     ((20, 10), MIN, MAX, (56, 28)),
-    # w=100, h=40 with min 3136: round(40/28)=1 -> 28, round(100/28)=4 -> 112; 28*112 = 3136, not < min -> kept
+    # w=100, h=40 with min 3136: round(40/28)=1 -> 28, round(100/28)=4 -> 112;
+    # 28*112 = 3136, not < min -> kept
     ((100, 40), 3136, MAX, (112, 28)),
     # w=50, h=30 with min 3136: 28*56 = 1568 < min; beta = sqrt(3136/1500) = 1.4459;
     # h: ceil(43.38/28) = ceil(1.55) = 2 -> 56; w: ceil(72.30/28) = ceil(2.58) = 3 -> 84
@@ -172,7 +175,8 @@ def test_fit_pixels_invariants_over_sizes(min_pixels, max_pixels):
         assert w % 28 == 0 and h % 28 == 0 and w > 0 and h > 0, (width, height, out.size)
         assert min_pixels <= w * h <= max_pixels, (width, height, out.size)
         # aspect kept to within one 28-pixel step on either side
-        assert (w - 28) / (h + 28) <= width / height <= (w + 28) / max(h - 28, 1), (width, height, out.size)
+        assert (w - 28) / (h + 28) <= width / height <= (w + 28) / max(h - 28, 1), (
+            width, height, out.size)
 
 
 def test_fit_pixels_area_at_most_max_for_wide_image():
@@ -283,7 +287,8 @@ def test_read_jsonl_skips_blank_lines_and_names_malformed_line(tmp_path):
 
 def test_write_jsonl_round_trip_and_no_tmp_left(tmp_path):
     path = str(tmp_path / "rows.jsonl")
-    rows = [{"id": "0", "question": "How many?", "answer": "3"}, {"id": "1", "choices": ["a", "ü"]}]
+    rows = [{"id": "0", "question": "How many?", "answer": "3"},
+            {"id": "1", "choices": ["a", "ü"]}]
     write_jsonl(path, rows)
     assert os.listdir(tmp_path) == ["rows.jsonl"]
     lines = open(path).read().splitlines()
@@ -301,7 +306,8 @@ def test_write_json_round_trip_and_no_tmp_left(tmp_path):
     assert os.listdir(tmp_path) == ["state.json"]
 
 
-@pytest.mark.parametrize("writer, value", [(write_jsonl, [{"new": 1}, {"new": 2}]), (write_json, {"new": 1})])
+@pytest.mark.parametrize("writer, value", [(write_jsonl, [{"new": 1}, {"new": 2}]),
+                                           (write_json, {"new": 1})])
 def test_writes_are_atomic_when_rename_fails(tmp_path, monkeypatch, writer, value):
     path = str(tmp_path / "file")
     original = '{"old": true}\n'
@@ -316,44 +322,3 @@ def test_writes_are_atomic_when_rename_fails(tmp_path, monkeypatch, writer, valu
         writer(path, value)
     monkeypatch.undo()
     assert open(path).read() == original
-
-
-# ----------------------------------------------------------------------------
-# render_shapes
-
-
-def test_render_shapes_colours_at_cell_centres():
-    background = (245, 245, 245)
-    objects = [("circle", "red", 0, 0, 0.8), ("square", "blue", 1, 2, 0.5), ("triangle", "green", 0, 2, 0.9),
-               ("circle", "yellow", 1, 1, 1.0)]
-    image = render_shapes(objects, rows=2, cols=3, cell=28)
-    assert image.mode == "RGB" and image.size == (84, 56)
-    # centre of cell (row r, col c) is (28c + 14, 28r + 14)
-    assert image.getpixel((14, 14)) == COLORS["red"]
-    assert image.getpixel((70, 42)) == COLORS["blue"]
-    assert image.getpixel((70, 14)) == COLORS["green"]
-    assert image.getpixel((42, 42)) == COLORS["yellow"]
-    # empty cells and cell corners are background
-    assert image.getpixel((42, 14)) == background
-    assert image.getpixel((14, 42)) == background
-    for corner in [(0, 0), (27, 27), (0, 55), (83, 0), (83, 55), (56, 28)]:
-        assert image.getpixel(corner) == background, corner
-    # the square at scale 0.5 spans 14 pixels: x from 70 - 7 = 63 to 70 + 7 - 1 = 76
-    assert image.getpixel((63, 42)) == COLORS["blue"] and image.getpixel((76, 42)) == COLORS["blue"]
-    assert image.getpixel((62, 42)) == background and image.getpixel((77, 42)) == background
-    assert image.getpixel((70, 35)) == COLORS["blue"] and image.getpixel((70, 34)) == background
-
-
-def test_render_shapes_custom_background_and_cell():
-    image = render_shapes([("square", "red", 0, 1, 0.5)], rows=1, cols=2, cell=40, background=(0, 0, 0))
-    assert image.size == (80, 40)
-    assert image.getpixel((60, 20)) == COLORS["red"]
-    assert image.getpixel((20, 20)) == (0, 0, 0)
-    assert image.getpixel((79, 39)) == (0, 0, 0)
-
-
-def test_render_shapes_unknown_shape_or_colour():
-    with pytest.raises(ValueError, match="hexagon"):
-        render_shapes([("hexagon", "red", 0, 0, 0.5)], rows=1, cols=1)
-    with pytest.raises((KeyError, ValueError), match="purple"):
-        render_shapes([("circle", "purple", 0, 0, 0.5)], rows=1, cols=1)

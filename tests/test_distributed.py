@@ -22,9 +22,11 @@ import checkpoint
 import distributed
 import visplay
 from config import ReasonerConfig
-from grpo import Sampling, Rollout, sample, shard_model, special_tokens, train_step
+from distributed import shard_model
+from grpo import FORWARD_METHODS, train_step
 from rewards import diversity_penalty
 from roles import encode_prompt
+from sampler import Rollout, Sampling, sample, special_tokens
 from vlm import load_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +39,8 @@ def _free_port():
 
 
 def _entry(rank, world, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -66,44 +68,51 @@ def _prompts(processor):
 
 
 def _config():
-    # grad_clip binds (the clipped norm is computed from every rank's shards), KL to a reference is on
-    return ReasonerConfig(prompts_per_step=4, group_size=2, updates_per_step=2, micro_batch_size=1, lr=1.0,
-                          grad_clip=0.05, kl_coef=0.05, temperature=1.0, loss_agg="token-mean", logprob_chunk=3)
+    # grad_clip binds (the clipped norm is computed from every rank's shards), KL to a
+    # reference is on
+    return ReasonerConfig(prompts_per_step=4, group_size=2, updates_per_step=2, micro_batch_size=1,
+                          lr=1.0, grad_clip=0.05, kl_coef=0.05, temperature=1.0,
+                          loss_agg="token-mean", logprob_chunk=3)
 
 
-def _update(model_dir, prompts, rollout, rewards, sharded):
-    """One train_step (2 optimizer updates) with SGD(lr=1): the parameter change is the gradient itself
-    (Adam would turn rounding noise in a ~1e-9 gradient into a full lr-sized step, so equal Adam steps
-    would not show equal gradients)."""
+def _update(model_dir, prompts, sampled, rewards, sharded):
+    """One train_step (2 optimizer updates) with SGD(lr=1): the parameter change is the gradient
+    itself (Adam would turn rounding noise in a ~1e-9 gradient into a full lr-sized step, so equal
+    Adam steps would not show equal gradients)."""
     model, processor = load_vlm(model_dir)
     reference = copy.deepcopy(model)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
         for p in reference.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     if sharded:
-        shard_model(model, mixed_precision=False)
-        shard_model(reference, mixed_precision=False)
+        shard_model(model, mixed_precision=False, forward_methods=FORWARD_METHODS)
+        shard_model(reference, mixed_precision=False, forward_methods=FORWARD_METHODS)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    metrics = train_step(model, reference, optimizer, prompts, rollout, rewards, special_tokens(processor, model),
-                         _config())
+    metrics = train_step(model, reference, optimizer, prompts=prompts, sampled=sampled,
+                         rewards=rewards, tokens=special_tokens(processor, model), cfg=_config())
     return model, metrics
 
 
 def _full_state(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _update_worker(model_dir, folder):
     _, processor = load_vlm(model_dir)
     prompts = _prompts(processor)
     data = torch.load(os.path.join(folder, "batch.pt"))
-    mine = visplay.my_part(list(range(len(prompts))), blocks=2)  # rank 0: prompts 0, 2; rank 1: 1, 3
-    rows = [r for p in mine for r in range(len(data["prompt_index"])) if data["prompt_index"][r] == p]
+    # rank 0: prompts 0, 2; rank 1: 1, 3
+    mine = distributed.my_part(list(range(len(prompts))), blocks=2)
+    rows = [r for p in mine for r in range(len(data["prompt_index"]))
+            if data["prompt_index"][r] == p]
     local_index = torch.tensor([mine.index(int(data["prompt_index"][r])) for r in rows])
-    local = Rollout(local_index, data["completion_ids"][rows], data["completion_mask"][rows], data["logprobs"][rows])
-    model, metrics = _update(model_dir, [prompts[i] for i in mine], local, data["rewards"][rows], sharded=True)
+    local = Rollout(local_index, data["completion_ids"][rows], data["completion_mask"][rows],
+                    data["logprobs"][rows])
+    model, metrics = _update(model_dir, [prompts[i] for i in mine], local, data["rewards"][rows],
+                             sharded=True)
     state = _full_state(model)
     if distributed.is_main():
         torch.save({"state": state, "metrics": metrics}, os.path.join(folder, "sharded.pt"))
@@ -113,12 +122,14 @@ def test_one_grpo_update_under_fsdp2_equals_single_process(tiny_model_dir, tmp_p
     model, processor = load_vlm(tiny_model_dir)
     prompts = _prompts(processor)
     tokens = special_tokens(processor, model)
-    rollout = sample(model, prompts, 2, Sampling(1.0, 1.0, 0, 6), tokens, torch.Generator().manual_seed(0))
+    sampled = sample(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6), tokens=tokens,
+                     generator=torch.Generator().manual_seed(0))
     rewards = torch.tensor([1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 1.0])
-    torch.save({"prompt_index": rollout.prompt_index, "completion_ids": rollout.completion_ids,
-                "completion_mask": rollout.completion_mask, "logprobs": rollout.logprobs, "rewards": rewards},
+    torch.save({"prompt_index": sampled.prompt_index, "completion_ids": sampled.completion_ids,
+                "completion_mask": sampled.completion_mask, "logprobs": sampled.logprobs,
+                "rewards": rewards},
                tmp_path / "batch.pt")
-    single, single_metrics = _update(tiny_model_dir, prompts, rollout, rewards, sharded=False)
+    single, single_metrics = _update(tiny_model_dir, prompts, sampled, rewards, sharded=False)
     spawn_two(_update_worker, tiny_model_dir, str(tmp_path))
     sharded = torch.load(tmp_path / "sharded.pt")
 
@@ -128,8 +139,8 @@ def test_one_grpo_update_under_fsdp2_equals_single_process(tiny_model_dir, tmp_p
         assert torch.allclose(sharded["state"][name], value, atol=1e-5, rtol=0), name
         moved += not torch.equal(value, before[name])
     assert moved > 10  # the update changed the weights, so equality is not trivial
-    for key in ("loss", "kl", "grad_norm", "reward_mean", "reward_std", "advantage_std", "clip_frac_high",
-                "response_length_mean", "entropy"):
+    for key in ("loss", "kl", "grad_norm", "reward_mean", "reward_std", "advantage_std",
+                "clip_frac_high", "response_length_mean", "entropy"):
         assert sharded["metrics"][key] == pytest.approx(single_metrics[key], abs=1e-5), key
 
 
@@ -145,11 +156,14 @@ def _penalty_worker(questions, folder):
 
 
 def test_diversity_penalty_across_two_ranks_equals_single_process(tmp_path):
-    questions = ["how many red circles are there ?", "how many red circles are there in the image ?",
-                 "is there a blue square ?", "how many red circles are there ?", "is there a blue square here ?",
-                 "what color is the shape in row 2 ?", "how many objects are there ?"]  # 7: unequal shares
+    questions = ["how many red circles are there ?",
+                 "how many red circles are there in the image ?", "is there a blue square ?",
+                 "how many red circles are there ?", "is there a blue square here ?",
+                 "what color is the shape in row 2 ?",
+                 "how many objects are there ?"]  # 7: unequal shares
     spawn_two(_penalty_worker, questions, str(tmp_path))
-    assert torch.load(tmp_path / "penalty.pt") == pytest.approx(diversity_penalty(questions, 0.5).tolist())
+    assert torch.load(tmp_path / "penalty.pt") == pytest.approx(
+        diversity_penalty(questions, 0.5).tolist())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -180,7 +194,8 @@ def _checkpoint_worker(model_dir, folder):
 def test_sharded_checkpoint_round_trip(tiny_model_dir, tmp_path):
     spawn_two(_checkpoint_worker, tiny_model_dir, str(tmp_path))
     result = torch.load(tmp_path / "result.pt")
-    assert result["step"] == 7 and result["same_model"] and result["same_optimizer"] and result["states"] > 0
+    assert (result["step"] == 7 and result["same_model"] and result["same_optimizer"]
+            and result["states"] > 0)
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_000007")).count("rng_rank1.pt") == 1
 
 
@@ -190,7 +205,8 @@ def test_torn_checkpoints_are_ignored(tiny_model_dir, tmp_path):
     checkpoint.save(str(tmp_path), 2, model, optimizer)
     os.makedirs(tmp_path / "step_000004.tmp")  # killed while writing
     (tmp_path / "step_000004.tmp" / "__0_0.distcp").write_bytes(b"partial")
-    os.makedirs(tmp_path / "step_000003")  # renamed folder without its meta.json: not complete either
+    # renamed folder without its meta.json: not complete either
+    os.makedirs(tmp_path / "step_000003")
     assert checkpoint.latest(str(tmp_path)) == (2, str(tmp_path / "step_000002"))
 
 
@@ -206,7 +222,8 @@ def _tiny_run(run_dir, model_dir, image_dir, benchmark_file):
 
 def _run_cli(overrides, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config", os.path.join(ROOT, "config.yaml")]
+    args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config",
+            os.path.join(ROOT, "config.yaml")]
     return subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
 
@@ -217,9 +234,9 @@ def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-@pytest.mark.parametrize("kill_when", ["questioner_v1/step_000002", "solver_v1/step_000003"])
-def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, format_model_dir, image_dir, benchmark_file,
-                                                       tmp_path):
+@pytest.mark.parametrize("kill_when", ["questioner_v1/step_000002", "reasoner_v1/step_000003"])
+def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, format_model_dir, image_dir,
+                                                      benchmark_file, tmp_path):
     """SIGKILL the run once a checkpoint exists inside a GRPO stage; the rerun resumes from it and
     ends with exactly (bitwise) the weights and files of an uninterrupted run."""
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
@@ -232,21 +249,24 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, format_model_di
     assert os.path.exists(marker), "the run ended before the checkpoint appeared"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not os.path.exists(os.path.join(killed, "solver_v1"))  # it really died mid-run
+    assert not os.path.exists(os.path.join(killed, "reasoner_v1"))  # it really died mid-run
     assert done.wait() == 0, done.stderr.read().decode()[-2000:]
     resumed = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     assert "resumed from" in resumed.stderr.read().decode()
-    for checkpoint_dir in ("questioner_v1", "solver_v1"):
-        a, b = _weights(os.path.join(clean, checkpoint_dir)), _weights(os.path.join(killed, checkpoint_dir))
+    for checkpoint_dir in ("questioner_v1", "reasoner_v1"):
+        a, b = (_weights(os.path.join(clean, checkpoint_dir)),
+                _weights(os.path.join(killed, checkpoint_dir)))
         assert all(torch.equal(a[k], b[k]) for k in a), checkpoint_dir
     for name in ("questions_v1.jsonl", "labeled_v1.jsonl", "kept_v1.jsonl", "eval_v1.json"):
-        assert open(os.path.join(clean, name)).read() == open(os.path.join(killed, name)).read(), name
-    assert not os.path.exists(os.path.join(killed, "checkpoints", kill_when.split("/")[0]))  # removed when done
+        assert (open(os.path.join(clean, name)).read()
+                == open(os.path.join(killed, name)).read()), name
+    # removed when done
+    assert not os.path.exists(os.path.join(killed, "checkpoints", kill_when.split("/")[0]))
 
 
-def test_generation_resumes_at_the_first_missing_part(tmp_path, monkeypatch, format_model_dir, image_dir,
-                                                      benchmark_file):
+def test_generation_resumes_at_the_first_missing_part(tmp_path, monkeypatch, format_model_dir,
+                                                      image_dir, benchmark_file):
     """A stage split into parts that dies after writing some parts redoes only the missing ones."""
     from config import load_config
     from run import Run

@@ -17,10 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark_files
 import eval as evaluation
 from data import read_jsonl, write_jsonl
-from grpo import Sampling, completion_logprobs, rollout, special_tokens
+from grpo import completion_logprobs
 from roles import reasoner_prompt
+from sampler import Sampling, rollout, special_tokens
 from vlm import load_vlm
 
 PIXELS = dict(min_pixels=28 * 28, max_pixels=28 * 28 * 16)
@@ -44,7 +46,8 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture
 def folder(tmp_path):
-    """A benchmark folder with img/red.png, img/blue.png, images/green.png and a corrupt img/broken.png."""
+    """A benchmark folder with img/red.png, img/blue.png, images/green.png and a corrupt
+    img/broken.png."""
     os.makedirs(tmp_path / "img")
     os.makedirs(tmp_path / "images")
     (tmp_path / "img" / "red.png").write_bytes(png("red"))
@@ -61,14 +64,15 @@ def write_json(path, value):
 
 
 class Stub:
-    """Stands in for `eval.generate`: the response to a prompt is the text of the first key (a piece of
-    question text) found in the decoded prompt; per checkpoint (folder name) when `by_model`."""
+    """Stands in for `eval.generate`: the response to a prompt is the text of the first key (a piece
+    of question text) found in the decoded prompt; per checkpoint (folder name) when `by_model`."""
 
     def __init__(self, responses, by_model=False):
         self.responses, self.by_model, self.prompts = responses, by_model, []
 
     def __call__(self, model, processor, prompts, group_size, sampling, tokens, generator=None):
-        responses = self.responses[os.path.basename(model.name_or_path)] if self.by_model else self.responses
+        responses = (self.responses[os.path.basename(model.name_or_path)] if self.by_model
+                     else self.responses)
         texts = []
         for prompt in prompts:
             self.prompts.append(prompt)
@@ -84,8 +88,9 @@ def run(tiny, monkeypatch, path, responses, **kwargs):
     stub = Stub(responses)
     monkeypatch.setattr(evaluation, "generate", stub)
     report = {}
-    items = evaluation.load_benchmark(path, report=report)
-    results = evaluation.evaluate(model, processor, items, batch_size=3, progress=False, **PIXELS, **kwargs)
+    items = benchmark_files.load_benchmark(path, report=report)
+    results = evaluation.evaluate(model, processor, items, batch_size=3, progress=False, **PIXELS,
+                                  **kwargs)
     return items, results, report, stub
 
 
@@ -99,57 +104,64 @@ def graded(results):
 
 def test_native_jsonl_with_bad_rows(tiny, monkeypatch, folder):
     rows = [
-        {"id": "n1", "image": "img/red.png", "question": "What color is it?", "choices": ["red", "blue"],
-         "answer": "A", "category": "color"},
-        {"id": "n2", "image": "img/blue.png", "question": "How many cells?", "answer": "12", "category": "count"},
-        {"id": "n3", "image": ["img/red.png", "img/blue.png"], "question": "Same color in both?", "answer": "no",
-         "category": "color"},
+        {"id": "n1", "image": "img/red.png", "question": "What color is it?",
+         "choices": ["red", "blue"], "answer": "A", "category": "color"},
+        {"id": "n2", "image": "img/blue.png", "question": "How many cells?", "answer": "12",
+         "category": "count"},
+        {"id": "n3", "image": ["img/red.png", "img/blue.png"], "question": "Same color in both?",
+         "answer": "no", "category": "color"},
         {"id": "n4", "image": "green.png", "question": "What share is green?", "answer": "50%",
          "answer_type": "percentage", "category": "count"},  # found under images/
         {"id": "bad1", "image": "img/missing.png", "question": "Q?", "answer": "1"},
         {"id": "bad2", "image": "img/broken.png", "question": "Q?", "answer": "1"},
         {"id": "bad3", "image": "img/red.png", "question": "  ", "answer": "1"},
         {"id": "bad4", "image": "img/red.png", "question": "Q?", "answer": ""},
-        {"id": "bad5", "image": "img/red.png", "question": "Q?", "choices": ["red", "blue"], "answer": "C"},
+        {"id": "bad5", "image": "img/red.png", "question": "Q?", "choices": ["red", "blue"],
+         "answer": "C"},
         {"id": "bad6", "question": "Q?", "answer": "1"},
     ]
     path = str(folder / "bench.jsonl")
     write_jsonl(path, rows)
-    responses = {"What color": "It is red.\n(A)", "How many cells": "There are 1.2 dozen... \\boxed{12}",
+    responses = {"What color": "It is red.\n(A)",
+                 "How many cells": "There are 1.2 dozen... \\boxed{12}",
                  "Same color": "Yes, both are red.", "What share": "The answer is 0.5."}
     items, results, report, stub = run(tiny, monkeypatch, path, responses)
     assert [i.answer_type for i in items] == ["multiple_choice", "integer", "yes_no", "percentage"]
     assert items[2].images == [str(folder / "img" / "red.png"), str(folder / "img" / "blue.png")]
     assert items[3].images == [str(folder / "images" / "green.png")]
     assert report == {"path": path, "layout": "native", "rows": 10, "items": 4,
-                      "bad": {"answer not an option": 1, "empty question": 1, "missing image": 2, "no answer": 1,
-                              "unreadable image": 1}}
-    assert graded(results) == [("n1", "A", True), ("n2", "12", True), ("n3", "Yes, both are red.", False),
-                               ("n4", "0.5", True)]
+                      "bad": {"answer not an option": 1, "empty question": 1, "missing image": 2,
+                              "no answer": 1, "unreadable image": 1}}
+    assert graded(results) == [("n1", "A", True), ("n2", "12", True),
+                               ("n3", "Yes, both are red.", False), ("n4", "0.5", True)]
     # the two-image item got two images, in order, and the options were listed under the question
     assert [len(p.image_grid_thw) for p in stub.prompts] == [1, 1, 2, 1]
     summary = evaluation.summarize(results)
     assert summary["n"] == 4 and summary["accuracy"] == 0.75
-    assert {c: s["accuracy"] for c, s in summary["by_category"].items()} == {"color": 0.5, "count": 1.0}
+    assert ({c: s["accuracy"] for c, s in summary["by_category"].items()}
+            == {"color": 0.5, "count": 1.0})
 
 
 def test_format_question_lists_options_once():
-    item = evaluation.Item("1", [], "Which color?", "A", ["red", "blue"])
+    item = benchmark_files.Item("1", [], "Which color?", "A", ["red", "blue"])
     assert evaluation.format_question(item) == "Which color?\nA. red\nB. blue"
-    listed = evaluation.Item("2", [], "Which color? A. red B. blue", "A", ["red", "blue"])
-    assert evaluation.format_question(listed) == "Which color? A. red B. blue"  # as the toy world writes it
-    assert evaluation.format_question(evaluation.Item("3", [], "How many?", "3")) == "How many?"
+    listed = benchmark_files.Item("2", [], "Which color? A. red B. blue", "A", ["red", "blue"])
+    # as the toy world writes it
+    assert evaluation.format_question(listed) == "Which color? A. red B. blue"
+    assert (evaluation.format_question(benchmark_files.Item("3", [], "How many?", "3"))
+            == "How many?")
 
 
 def test_json_list_with_alternative_keys_and_base64(tiny, monkeypatch, folder):
     rows = [
         {"question_id": 7, "img": b64("red", prefix=True), "query": "Which landmark is this?",
          "label": "The Eiffel Tower", "subject": "geo"},
-        {"pid": "x2", "image_path": b64("blue"), "prompt": "Which is bigger? (A) cat (B) dog", "gt_answer": "B",
-         "task": "compare"},  # options inside the question, answer a letter
-        {"id": "x3", "images": ["img/red.png", b64("green")], "question": "Count the squares.", "answer": 3,
-         "options": [], "category": "count"},  # a number answer, an empty options list
-        {"id": "bad", "image": "bm90IGFuIGltYWdl" * 8, "question": "Q?", "answer": "1"},  # base64, not an image
+        {"pid": "x2", "image_path": b64("blue"), "prompt": "Which is bigger? (A) cat (B) dog",
+         "gt_answer": "B", "task": "compare"},  # options inside the question, answer a letter
+        {"id": "x3", "images": ["img/red.png", b64("green")], "question": "Count the squares.",
+         "answer": 3, "options": [], "category": "count"},  # a number answer, an empty options list
+        {"id": "bad", "image": "bm90IGFuIGltYWdl" * 8, "question": "Q?",
+         "answer": "1"},  # base64, not an image
     ]
     path = write_json(folder / "bench.json", rows)
     responses = {"landmark": "the eiffel tower.", "bigger": "The dog. So B", "Count the": "three"}
@@ -160,25 +172,27 @@ def test_json_list_with_alternative_keys_and_base64(tiny, monkeypatch, folder):
     assert isinstance(items[0].images[0], bytes) and items[0].images[0] == png("red")
     assert items[2].images == [str(folder / "img" / "red.png"), png("green")]
     assert report["bad"] == {"unreadable image": 1}
-    assert graded(results) == [("7", "the eiffel tower.", True), ("x2", "B", True), ("x3", "three", False)]
+    assert graded(results) == [("7", "the eiffel tower.", True), ("x2", "B", True),
+                               ("x3", "three", False)]
 
 
 def test_json_object_of_rows_mm_vet(tiny, monkeypatch, folder):
-    rows = {"v1_0": {"imagename": "green.png", "question": "What is 1/2 + 1/4?", "answer": "0.75<OR>3/4",
-                     "capability": ["math", "ocr"]}}
+    rows = {"v1_0": {"imagename": "green.png", "question": "What is 1/2 + 1/4?",
+                     "answer": "0.75<OR>3/4", "capability": ["math", "ocr"]}}
     path = write_json(folder / "mm-vet.json", rows)
     items, results, _, _ = run(tiny, monkeypatch, path, {"1/2 + 1/4": r"\boxed{\frac{3}{4}}"})
-    assert (items[0].id, items[0].category, items[0].answer_type) == ("v1_0", "math,ocr", "free_form")
+    assert ((items[0].id, items[0].category, items[0].answer_type)
+            == ("v1_0", "math,ocr", "free_form"))
     assert graded(results) == [("v1_0", r"\frac{3}{4}", True)]
 
 
 def test_mmmu_style_rows(tiny, monkeypatch, folder):
     rows = [
         {"id": "validation_Art_1", "question": "<image 1> Which painting is shown in <image 2>?",
-         "options": "['Mona Lisa', 'Starry Night', 'The Scream']", "answer": "B", "image_1": b64("red"),
-         "image_2": "img/blue.png", "image_3": None, "subfield": "Art"},
-        {"id": "validation_Math_2", "question": "What is the slope? <image 1>", "options": "[]", "answer": "3.5",
-         "image_1": {"bytes": b64("green"), "path": None}, "subfield": "Math"},
+         "options": "['Mona Lisa', 'Starry Night', 'The Scream']", "answer": "B",
+         "image_1": b64("red"), "image_2": "img/blue.png", "image_3": None, "subfield": "Art"},
+        {"id": "validation_Math_2", "question": "What is the slope? <image 1>", "options": "[]",
+         "answer": "3.5", "image_1": {"bytes": b64("green"), "path": None}, "subfield": "Math"},
         {"id": "validation_Math_3", "question": "<image 1>", "options": "['1', '2']", "answer": "A",
          "image_1": "img/red.png", "subfield": "Math"},  # only a placeholder: empty question
     ]
@@ -190,7 +204,8 @@ def test_mmmu_style_rows(tiny, monkeypatch, folder):
     assert items[0].choices == ["Mona Lisa", "Starry Night", "The Scream"]
     assert (items[1].choices, items[1].answer_type) == (None, "float")
     assert report["bad"] == {"empty question": 1}
-    assert graded(results) == [("validation_Art_1", "Starry Night", True), ("validation_Math_2", "3.50", True)]
+    assert graded(results) == [("validation_Art_1", "Starry Night", True),
+                               ("validation_Math_2", "3.50", True)]
     assert [len(p.image_grid_thw) for p in stub.prompts] == [2, 1]
     prompt = tiny[1].tokenizer.decode(stub.prompts[0].input_ids)
     assert "Which painting is shown in ?\nA. Mona Lisa\nB. Starry Night\nC. The Scream\n" in prompt
@@ -200,29 +215,38 @@ def test_yes_no_hallusionbench(tiny, monkeypatch, folder):
     os.makedirs(folder / "hb" / "VD")
     (folder / "hb" / "VD" / "0.png").write_bytes(png("red"))
     rows = [
-        {"category": "VD", "subcategory": "illusion", "question": "Is the square red?", "gt_answer": "1",
+        {"category": "VD", "subcategory": "illusion", "question": "Is the square red?",
+         "gt_answer": "1", "filename": "./hb/VD/0.png"},
+        {"category": "VD", "question": "Is the square blue?", "gt_answer": "0",
          "filename": "./hb/VD/0.png"},
-        {"category": "VD", "question": "Is the square blue?", "gt_answer": "0", "filename": "./hb/VD/0.png"},
-        {"category": "VS", "question": "Is the sky green?", "gt_answer": "0", "filename": "./hb/VD/0.png"},
-        {"category": "VS", "question": "Is Paris in France?", "gt_answer": "1", "filename": None},  # text only
+        {"category": "VS", "question": "Is the sky green?", "gt_answer": "0",
+         "filename": "./hb/VD/0.png"},
+        {"category": "VS", "question": "Is Paris in France?", "gt_answer": "1",
+         "filename": None},  # text only
     ]
     path = write_json(folder / "HallusionBench.json", rows)
-    responses = {"square red": "Yes.", "square blue": "\\boxed{not yes}", "sky green": "No, it is not."}
+    responses = {"square red": "Yes.", "square blue": "\\boxed{not yes}",
+                 "sky green": "No, it is not."}
     items, results, report, _ = run(tiny, monkeypatch, path, responses)
     assert report["layout"] == "yesno" and report["bad"] == {"missing image": 1}
-    assert [(i.answer, i.answer_type) for i in items] == [("yes", "yes_no"), ("no", "yes_no"), ("no", "yes_no")]
-    assert graded(results) == [("0", "Yes.", True), ("1", "not yes", False), ("2", "No, it is not.", True)]
+    assert [(i.answer, i.answer_type) for i in items] == [("yes", "yes_no"), ("no", "yes_no"),
+                                                          ("no", "yes_no")]
+    assert graded(results) == [("0", "Yes.", True), ("1", "not yes", False),
+                               ("2", "No, it is not.", True)]
     # as a native file the same rows would keep "1" / "0" as numbers: the layout can be forced
-    assert evaluation.load_benchmark(path, layout="native")[0].answer_type == "integer"
+    assert benchmark_files.load_benchmark(path, layout="native")[0].answer_type == "integer"
 
 
 def test_options_in_the_question_mmstar_realworldqa(tiny, monkeypatch, folder):
     rows = [
-        {"index": 1, "question": "Which shape is shown?\nOptions: A: circle, B: square, C: triangle", "answer": "C",
-         "category": "coarse perception", "image": b64("red")},
-        {"index": 2, "question": "How far is the car?\nA. 5 m\nB. 10 m\nPlease answer directly with the letter.",
+        {"index": 1, "question": "Which shape is shown?\n"
+                                 "Options: A: circle, B: square, C: triangle",
+         "answer": "C", "category": "coarse perception", "image": b64("red")},
+        {"index": 2, "question": "How far is the car?\nA. 5 m\nB. 10 m\n"
+                                 "Please answer directly with the letter.",
          "answer": "A", "category": "depth", "image": b64("blue")},
-        {"index": 3, "question": "How many lanes? Please answer directly with a single word or number.",
+        {"index": 3, "question": "How many lanes? "
+                                 "Please answer directly with a single word or number.",
          "answer": "2", "category": "depth", "image": b64("blue")},
     ]
     path = str(folder / "mmstar.jsonl")
@@ -256,26 +280,30 @@ def test_every_row_bad_is_an_error(folder):
     path = str(folder / "bad.jsonl")
     write_jsonl(path, [{"image": "img/missing.png", "question": "Q?", "answer": "1"},
                        {"image": "img/red.png", "question": "", "answer": "1"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl.*none of its 2 rows.*empty question 1, missing image 1"):
-        evaluation.load_benchmark(path)
+    with pytest.raises(ValueError,
+                       match=r"bad.jsonl.*none of its 2 rows.*empty question 1, missing image 1"):
+        benchmark_files.load_benchmark(path)
     with pytest.raises(ValueError, match="unknown layout 'csv'"):
-        evaluation.load_benchmark(path, layout="csv")
+        benchmark_files.load_benchmark(path, layout="csv")
     with pytest.raises(FileNotFoundError):
-        evaluation.load_benchmark(str(folder / "nope.jsonl"))
+        benchmark_files.load_benchmark(str(folder / "nope.jsonl"))
 
 
 def test_json_lines_named_json_and_parquet(folder):
     rows = [{"image": "img/red.png", "question": f"Q{i}?", "answer": str(i)} for i in (1, 2)]
     write_jsonl(str(folder / "lines.json"), rows)
-    assert [i.question for i in evaluation.load_benchmark(str(folder / "lines.json"))] == ["Q1?", "Q2?"]
+    assert ([i.question for i in benchmark_files.load_benchmark(str(folder / "lines.json"))]
+            == ["Q1?", "Q2?"])
     (folder / "mmstar.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="parquet is not read here.*README"):
-        evaluation.load_benchmark(str(folder / "mmstar.parquet"))
+        benchmark_files.load_benchmark(str(folder / "mmstar.parquet"))
 
 
 def test_unreadable_at_evaluation_is_skipped_and_counted(tiny, monkeypatch, folder):
-    items = [evaluation.Item("ok", [str(folder / "img" / "red.png")], "Is it red?", "yes", answer_type="yes_no"),
-             evaluation.Item("gone", [str(folder / "img" / "gone.png")], "Is it red?", "yes", answer_type="yes_no")]
+    items = [benchmark_files.Item("ok", [str(folder / "img" / "red.png")], "Is it red?", "yes",
+                                  answer_type="yes_no"),
+             benchmark_files.Item("gone", [str(folder / "img" / "gone.png")], "Is it red?", "yes",
+                                  answer_type="yes_no")]
     monkeypatch.setattr(evaluation, "generate", Stub({"red": "yes"}))
     report = evaluation.Counter()
     results = evaluation.evaluate(*tiny, items, progress=False, report=report, **PIXELS)
@@ -287,11 +315,13 @@ def test_unreadable_at_evaluation_is_skipped_and_counted(tiny, monkeypatch, fold
 
 
 def test_samples_and_majority(tiny, monkeypatch, folder):
-    items = [evaluation.Item("1", [str(folder / "img" / "red.png")], "How many?", "3", answer_type="integer")]
+    items = [benchmark_files.Item("1", [str(folder / "img" / "red.png")], "How many?", "3",
+                                  answer_type="integer")]
     texts = iter([["\\boxed{3}"], ["\\boxed{4}", "3", "The answer is 3", "four"]])
     monkeypatch.setattr(evaluation, "generate", lambda *args, **kwargs: next(texts))
     [row] = evaluation.evaluate(*tiny, items, samples=4, progress=False, **PIXELS)
-    assert row["correct"] and row["sample_correct"] == [False, True, True, False] and row["majority_correct"]
+    assert (row["correct"] and row["sample_correct"] == [False, True, True, False]
+            and row["majority_correct"])
     summary = evaluation.summarize([row])
     assert summary["pass@1"] == 0.5 and summary["majority@k"] == 1.0
 
@@ -302,7 +332,8 @@ class JudgeServer(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         JudgeServer.requests.append((self.path, self.headers.get("Authorization"), body))
-        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": JudgeServer.reply}}]}).encode()
+        out = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                   "content": JudgeServer.reply}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -316,7 +347,8 @@ class JudgeServer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def judge_url():
     server = http.server.HTTPServer(("127.0.0.1", 0), JudgeServer)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -326,16 +358,21 @@ def judge_url():
 def test_judge_equivalent_against_a_local_stub(judge_url):
     JudgeServer.requests.clear()
     JudgeServer.reply = "Yes. They match."
-    assert evaluation.judge_equivalent("Where?", "Paris", "the French capital", judge_url, "judge-1", "k") is True
+    assert evaluation.judge_equivalent("Where?", "Paris", "the French capital", url=judge_url,
+                                       model="judge-1", api_key="k") is True
     path, auth, body = JudgeServer.requests[0]
     assert path == "/v1/chat/completions" and auth == "Bearer k"
     assert body["model"] == "judge-1" and body["temperature"] == 0
-    assert "Reference answer: Paris\nCandidate answer: the French capital" in body["messages"][0]["content"]
+    assert ("Reference answer: Paris\nCandidate answer: the French capital"
+            in body["messages"][0]["content"])
     JudgeServer.reply = "no"
-    assert evaluation.judge_equivalent("Where?", "Paris", "Rome", judge_url + "/v1", "judge-1") is False
-    assert JudgeServer.requests[1][0] == "/v1/chat/completions" and JudgeServer.requests[1][1] is None
+    assert evaluation.judge_equivalent("Where?", "Paris", "Rome", url=judge_url + "/v1",
+                                       model="judge-1") is False
+    assert (JudgeServer.requests[1][0] == "/v1/chat/completions"
+            and JudgeServer.requests[1][1] is None)
     JudgeServer.reply = "Hard to say."
-    assert evaluation.judge_equivalent("Where?", "Paris", "?", judge_url + "/v1/chat/completions", "m") is None
+    assert evaluation.judge_equivalent("Where?", "Paris", "?",
+                                       url=judge_url + "/v1/chat/completions", model="m") is None
 
 
 def test_judge_unreachable_is_no_verdict(judge_url):
@@ -343,16 +380,18 @@ def test_judge_unreachable_is_no_verdict(judge_url):
     with http.server.HTTPServer(("127.0.0.1", 0), JudgeServer) as closed:
         port = closed.server_port
     assert port != server_port
-    assert evaluation.judge_equivalent("q", "a", "b", f"http://127.0.0.1:{port}", "m", timeout=2) is None
+    assert evaluation.judge_equivalent("q", "a", "b", url=f"http://127.0.0.1:{port}", model="m",
+                                       timeout=2) is None
 
 
 def test_judge_only_regrades_wrong_free_form_answers(tiny, monkeypatch, folder):
     image = [str(folder / "img" / "red.png")]
-    items = [evaluation.Item("ff", image, "Which city?", "Paris", answer_type="free_form"),
-             evaluation.Item("ok", image, "Which town?", "Paris", answer_type="free_form"),
-             evaluation.Item("mc", image, "Which one?", "A", ["red", "blue"], answer_type="multiple_choice")]
-    monkeypatch.setattr(evaluation, "generate", Stub({"city": "The capital of France", "town": "paris",
-                                                      "one": "B"}))
+    items = [benchmark_files.Item("ff", image, "Which city?", "Paris", answer_type="free_form"),
+             benchmark_files.Item("ok", image, "Which town?", "Paris", answer_type="free_form"),
+             benchmark_files.Item("mc", image, "Which one?", "A", ["red", "blue"],
+                                  answer_type="multiple_choice")]
+    monkeypatch.setattr(evaluation, "generate", Stub({"city": "The capital of France",
+                                                      "town": "paris", "one": "B"}))
     asked = []
 
     def judge(question, reference, prediction):
@@ -361,7 +400,8 @@ def test_judge_only_regrades_wrong_free_form_answers(tiny, monkeypatch, folder):
 
     results = evaluation.evaluate(*tiny, items, judge=judge, progress=False, **PIXELS)
     assert asked == [("Which city?", "Paris", "The capital of France")]
-    assert [(r["id"], r.get("judge"), r["correct"]) for r in results] == [("ff", True, True), ("ok", None, True),
+    assert [(r["id"], r.get("judge"), r["correct"]) for r in results] == [("ff", True, True),
+                                                                         ("ok", None, True),
                                                                          ("mc", None, False)]
 
 
@@ -374,8 +414,10 @@ def test_format_table_by_hand():
         return {"n": n, "accuracy": accuracy,
                 "by_category": {c: {"n": cn, "accuracy": ca} for c, (cn, ca) in categories.items()}}
 
-    summaries = {"base": {"a": summary(4, 0.25, x=(2, 0.5), y=(2, 0.0)), "b": summary(2, 0.5, all=(2, 0.5))},
-                 "v1": {"a": summary(4, 0.75, x=(2, 1.0), y=(2, 0.5)), "b": summary(2, 0.5, all=(2, 0.5))}}
+    summaries = {"base": {"a": summary(4, 0.25, x=(2, 0.5), y=(2, 0.0)),
+                          "b": summary(2, 0.5, all=(2, 0.5))},
+                 "v1": {"a": summary(4, 0.75, x=(2, 1.0), y=(2, 0.5)),
+                        "b": summary(2, 0.5, all=(2, 0.5))}}
     assert evaluation.format_table(summaries, {"a": 3, "b": 0}) == "\n".join([
         "| benchmark | n | skipped | base | v1 | Δ v1 |",
         "|---|---|---|---|---|---|",
@@ -388,34 +430,41 @@ def test_format_table_by_hand():
 
 def test_cli_compares_checkpoints(tiny_model_dir, folder, monkeypatch, capsys):
     toy = [
-        {"id": "t1", "image": "img/red.png", "question": "Which color?", "choices": ["red", "blue"], "answer": "A",
-         "category": "color"},
-        {"id": "t2", "image": "img/blue.png", "question": "Which hue?", "choices": ["red", "blue"], "answer": "B",
-         "category": "color"},
-        {"id": "t3", "image": "img/red.png", "question": "How many red?", "answer": "1", "category": "count"},
-        {"id": "t4", "image": "img/red.png", "question": "How many blue?", "answer": "0", "category": "count"},
+        {"id": "t1", "image": "img/red.png", "question": "Which color?",
+         "choices": ["red", "blue"], "answer": "A", "category": "color"},
+        {"id": "t2", "image": "img/blue.png", "question": "Which hue?",
+         "choices": ["red", "blue"], "answer": "B", "category": "color"},
+        {"id": "t3", "image": "img/red.png", "question": "How many red?", "answer": "1",
+         "category": "count"},
+        {"id": "t4", "image": "img/red.png", "question": "How many blue?", "answer": "0",
+         "category": "count"},
         {"id": "bad1", "image": "img/missing.png", "question": "Q?", "answer": "1"},
         {"id": "bad2", "image": "img/red.png", "question": "", "answer": "1"},
     ]
     write_jsonl(str(folder / "toy.jsonl"), toy)
-    hb = [{"category": "VD", "question": "Is it red?", "gt_answer": "1", "filename": "img/red.png"},
-          {"category": "VD", "question": "Is it blue?", "gt_answer": "0", "filename": "img/red.png"},
-          {"category": "VD", "question": "Is it round?", "gt_answer": "0", "filename": None}]
+    hb = [
+        {"category": "VD", "question": "Is it red?", "gt_answer": "1", "filename": "img/red.png"},
+        {"category": "VD", "question": "Is it blue?", "gt_answer": "0", "filename": "img/red.png"},
+        {"category": "VD", "question": "Is it round?", "gt_answer": "0", "filename": None},
+    ]
     write_json(folder / "hb.json", hb)
-    for name in ("base", "solver_v1"):
+    for name in ("base", "reasoner_v1"):
         os.symlink(tiny_model_dir, folder / name)
-    stub = Stub({"base": {"Which color": "\\boxed{A}", "Which hue": "A", "How many red": "2", "How many blue": "1",
-                          "Is it red": "yes", "Is it blue": "yes"},
-                 "solver_v1": {"Which color": "red", "Which hue": "\\boxed{B}", "How many red": "1",
-                               "How many blue": "one", "Is it red": "Yes!", "Is it blue": "No."}}, by_model=True)
+    stub = Stub({"base": {"Which color": "\\boxed{A}", "Which hue": "A", "How many red": "2",
+                          "How many blue": "1", "Is it red": "yes", "Is it blue": "yes"},
+                 "reasoner_v1": {"Which color": "red", "Which hue": "\\boxed{B}",
+                                 "How many red": "1", "How many blue": "one", "Is it red": "Yes!",
+                                 "Is it blue": "No."}}, by_model=True)
     monkeypatch.setattr(evaluation, "generate", stub)
     out = folder / "out"
-    summaries = evaluation.main(["--model", str(folder / "base"), "--model", str(folder / "solver_v1"),
-                                 "--bench", f"toy={folder / 'toy.jsonl'}", "--bench", f"hb={folder / 'hb.json'}",
+    summaries = evaluation.main(["--model", str(folder / "base"),
+                                 "--model", str(folder / "reasoner_v1"),
+                                 "--bench", f"toy={folder / 'toy.jsonl'}",
+                                 "--bench", f"hb={folder / 'hb.json'}",
                                  "--out", str(out), "--device", "cpu", "--min-pixels", "784",
                                  "--max-pixels", "12544", "--batch-size", "3"])
     table = "\n".join([
-        "| benchmark | n | skipped | base | solver_v1 | Δ solver_v1 |",
+        "| benchmark | n | skipped | base | reasoner_v1 | Δ reasoner_v1 |",
         "|---|---|---|---|---|---|",
         "| toy | 4 | 2 | 25.0 | 75.0 | +50.0 |",
         "| toy/color | 2 |  | 50.0 | 100.0 | +50.0 |",
@@ -424,27 +473,30 @@ def test_cli_compares_checkpoints(tiny_model_dir, folder, monkeypatch, capsys):
         "| hb/VD | 2 |  | 50.0 | 100.0 | +50.0 |",
         "| average | 6 | 3 | 37.5 | 87.5 | +50.0 |"])
     assert capsys.readouterr().out.strip() == table
-    assert summaries["solver_v1"]["toy"]["accuracy"] == 0.75
-    rows = read_jsonl(str(out / "solver_v1" / "toy.jsonl"))
+    assert summaries["reasoner_v1"]["toy"]["accuracy"] == 0.75
+    rows = read_jsonl(str(out / "reasoner_v1" / "toy.jsonl"))
     assert [(r["id"], r["prediction"], r["extracted"], r["correct"]) for r in rows] == [
         ("t1", "red", "red", True), ("t2", "\\boxed{B}", "B", True), ("t3", "1", "1", True),
         ("t4", "one", "one", False)]
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["table"] == table and list(saved["checkpoints"]) == ["base", "solver_v1"]
+    assert saved["table"] == table and list(saved["checkpoints"]) == ["base", "reasoner_v1"]
     assert saved["benchmarks"]["toy"]["bad"] == {"empty question": 1, "missing image": 1}
     assert saved["benchmarks"]["hb"]["layout"] == "yesno"
     # --max-items and --layout
-    evaluation.main(["--model", str(folder / "base"), "--bench", f"hb={folder / 'hb.json'}", "--layout",
-                     "hb=native", "--max-items", "1", "--min-pixels", "784", "--max-pixels", "12544"])
-    assert capsys.readouterr().out.splitlines()[2] == "| hb | 1 | 1 | 0.0 |"  # "yes" is not the number 1
+    evaluation.main(["--model", str(folder / "base"), "--bench", f"hb={folder / 'hb.json'}",
+                     "--layout", "hb=native", "--max-items", "1", "--min-pixels", "784",
+                     "--max-pixels", "12544"])
+    # "yes" is not the number 1
+    assert capsys.readouterr().out.splitlines()[2] == "| hb | 1 | 1 | 0.0 |"
     with pytest.raises(SystemExit, match="match no --bench"):
         evaluation.main(["--model", "m", "--bench", "a=x.jsonl", "--layout", "b=yesno"])
 
 
 def test_checkpoint_names():
-    assert evaluation.checkpoint_names(["runs/a/solver_v1", "runs/a/solver_v2/"]) == ["solver_v1", "solver_v2"]
-    assert evaluation.checkpoint_names(["runs/a/solver_v1", "runs/b/solver_v1"]) == [
-        "runs_a_solver_v1", "runs_b_solver_v1"]
+    assert evaluation.checkpoint_names(["runs/a/reasoner_v1", "runs/a/reasoner_v2/"]) == [
+        "reasoner_v1", "reasoner_v2"]
+    assert evaluation.checkpoint_names(["runs/a/reasoner_v1", "runs/b/reasoner_v1"]) == [
+        "runs_a_reasoner_v1", "runs_b_reasoner_v1"]
 
 
 # ----------------------------------------------------------------------------
@@ -460,19 +512,22 @@ def test_two_image_prompt_samples_and_scores(tiny):
     assert prompts[0].image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 6]]  # 4 + 6 merged image tokens
     assert (prompts[0].input_ids == tokens.image_token_id).sum() == 10
     generator = torch.Generator().manual_seed(0)
-    out = rollout(model, prompts, 2, Sampling(1.0, 1.0, 0, 6), tokens, batch_size=2, generator=generator)
+    out = rollout(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6), tokens=tokens,
+                  batch_size=2, generator=generator)
     rows = [prompts[i] for i in out.prompt_index.tolist()]
     with torch.no_grad():
-        scored, _ = completion_logprobs(model, rows, out.completion_ids, out.completion_mask, tokens)
+        scored, _ = completion_logprobs(model, rows, out.completion_ids, out.completion_mask,
+                                        tokens=tokens)
     mask = out.completion_mask.bool()
     assert mask.any() and torch.allclose(scored[mask], out.logprobs[mask], atol=1e-5)
 
 
 def test_real_model_end_to_end(tiny, benchmark_file):
     report = {}
-    items = evaluation.load_benchmark(benchmark_file, report=report)
+    items = benchmark_files.load_benchmark(benchmark_file, report=report)
     assert report["items"] == report["rows"] == 16 and report["bad"] == {}
-    results = evaluation.evaluate(*tiny, items, max_new_tokens=6, batch_size=8, samples=2, progress=False, **PIXELS)
+    results = evaluation.evaluate(*tiny, items, max_new_tokens=6, batch_size=8, samples=2,
+                                  progress=False, **PIXELS)
     summary = evaluation.summarize(results)
     assert summary["n"] == len(items) == 16 and 0.0 <= summary["accuracy"] <= 1.0
     assert 0.0 <= summary["pass@1"] <= 1.0 and 0.0 <= summary["majority@k"] <= 1.0

@@ -1,5 +1,6 @@
-"""Tests of grpo.py. Expected values are worked out by hand (arithmetic in the comments) or by a
-slower, obvious method written in the test (HF `model.generate`, a Python loop, a fresh forward).
+"""Tests of sampler.py and grpo.py. Expected values are worked out by hand (arithmetic in the
+comments) or by a slower, obvious method written in the test (HF `model.generate`, a Python loop, a
+fresh forward).
 Model tests use the tiny random Qwen2.5-VL of conftest.py, in fp32 on CPU."""
 
 import copy
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import grpo
+from sampler import Sampling, collate, next_token, rollout, sample, special_tokens
 from config import ReasonerConfig
 from roles import encode_prompt
 from vlm import load_vlm
@@ -30,7 +32,7 @@ def tiny(tiny_model_dir):
     """(model, processor, tokens) of the tiny model, in eval mode. Tests must not train this one."""
     model, processor = load_vlm(tiny_model_dir)
     model.eval()
-    return model, processor, grpo.special_tokens(processor, model)
+    return model, processor, special_tokens(processor, model)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,8 @@ def prompts(tiny):
     _, processor, _ = tiny
     return [
         encode_prompt(processor, noise_image(56, 84, 0), "What?"),
-        encode_prompt(processor, noise_image(112, 56, 1), "How many red squares are in the picture, counting all rows?"),
+        encode_prompt(processor, noise_image(112, 56, 1),
+                      "How many red squares are in the picture, counting all rows?"),
         encode_prompt(processor, noise_image(56, 56, 2), "Count the circles."),
     ]
 
@@ -51,8 +54,8 @@ def with_common_eos(tokens, eos_ids=range(14, 120)):
     return dataclasses.replace(tokens, eos_ids=sorted(set(tokens.eos_ids) | set(eos_ids)))
 
 
-def row_prompts(prompts, rollout):
-    return [prompts[i] for i in rollout.prompt_index.tolist()]
+def row_prompts(prompts, result):
+    return [prompts[i] for i in result.prompt_index.tolist()]
 
 
 def expected_lengths(completion_ids, eos_ids, max_new_tokens):
@@ -64,10 +67,10 @@ def expected_lengths(completion_ids, eos_ids, max_new_tokens):
     return lengths
 
 
-def check_row_structure(rollout, tokens, max_new_tokens):
+def check_row_structure(result, tokens, max_new_tokens):
     """mask is 1 up to and including the first EOS and 0 after; ids after it are pad; the rollout is
     exactly as wide as its longest row."""
-    ids, mask = rollout.completion_ids, rollout.completion_mask
+    ids, mask = result.completion_ids, result.completion_mask
     lengths = expected_lengths(ids, set(tokens.eos_ids), max_new_tokens)
     assert ids.shape[1] == max(lengths)
     for row, n in enumerate(lengths):
@@ -81,8 +84,9 @@ def masked_max_abs(a, b, mask):
 
 
 def stage_config(**overrides):
-    base = dict(group_size=4, prompts_per_step=4, updates_per_step=1, micro_batch_size=8, lr=1e-3, kl_coef=0.0,
-                max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, loss_agg="seq-mean-token-mean")
+    base = dict(group_size=4, prompts_per_step=4, updates_per_step=1, micro_batch_size=8, lr=1e-3,
+                kl_coef=0.0, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0,
+                loss_agg="seq-mean-token-mean")
     base.update(overrides)
     return ReasonerConfig(**base)
 
@@ -106,17 +110,18 @@ def test_group_advantages_hand_example():
     #          -> +-0.5 / (0.5773503 + 1e-6) = +-0.8660239
     # group 2: all 0.5 -> std 0 -> 0 / 1e-6 = 0
     # group 3: mean 0.75, deviations (-0.75, -0.75, -0.75, 2.25),
-    #          var = (3 * 0.5625 + 5.0625) / 3 = 2.25, std 1.5 -> (-0.5, -0.5, -0.5, 1.5) (1e-6 negligible)
+    #          var = (3 * 0.5625 + 5.0625) / 3 = 2.25, std 1.5 -> (-0.5, -0.5, -0.5, 1.5)
+    #          (1e-6 negligible)
     a = 0.5 / (math.sqrt(1 / 3) + 1e-6)
-    expected = torch.tensor([a, -a, -a, a, 0, 0, 0, 0, -0.75 / 1.500001, -0.75 / 1.500001, -0.75 / 1.500001,
-                             2.25 / 1.500001])
+    expected = torch.tensor([a, -a, -a, a, 0, 0, 0, 0, -0.75 / 1.500001, -0.75 / 1.500001,
+                             -0.75 / 1.500001, 2.25 / 1.500001])
     torch.testing.assert_close(grpo.group_advantages(rewards, 4), expected, rtol=0, atol=1e-6)
 
 
 def _ratios_example():
-    """logprobs / old_logprobs with ratios (0.5, 0.75, 1, 1.25, 1.5, 4) on two rows, advantages (+1, -1).
-    0.75 and 1.25 lie between the two clip bounds' alternatives (0.7 / 0.8 and 1.2 / 1.3), so swapping
-    eps_low and eps_high changes the result."""
+    """logprobs / old_logprobs with ratios (0.5, 0.75, 1, 1.25, 1.5, 4) on two rows, advantages
+    (+1, -1). 0.75 and 1.25 lie between the two clip bounds' alternatives (0.7 / 0.8 and 1.2 / 1.3),
+    so swapping eps_low and eps_high changes the result."""
     ratios = torch.tensor([0.5, 0.75, 1.0, 1.25, 1.5, 4.0])
     old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -0.1, -4.0], [-0.7, -1.2, -2.5, -1.9, -0.3, -2.2]])
     logprobs = (old + ratios.log()).clone().requires_grad_(True)
@@ -128,14 +133,16 @@ def test_policy_loss_hand_values_and_clip_masks():
     logprobs, old, adv = _ratios_example()
     loss, clips = grpo.policy_loss(logprobs, old, adv, eps_low=0.2, eps_high=0.3, dual_clip=3.0)
     # clip(r, 0.8, 1.3) = (0.8, 0.8, 1.0, 1.25, 1.3, 1.3)
-    # A=+1: max(-r, -clip r) = (max(-.5, -.8), max(-.75, -.8), -1, -1.25, max(-1.5, -1.3), max(-4, -1.3))
+    # A=+1: max(-r, -clip r) = (max(-.5, -.8), max(-.75, -.8), -1, -1.25, max(-1.5, -1.3),
+    #                           max(-4, -1.3))
     #                        = (-0.5, -0.75, -1, -1.25, -1.3, -1.3)
     # A=-1: max(r, clip r) = (0.8, 0.8, 1.0, 1.25, 1.5, 4.0); dual clip min(., -A * 3 = 3)
     #                      -> (0.8, 0.8, 1.0, 1.25, 1.5, 3.0)
-    expected = torch.tensor([[-0.5, -0.75, -1.0, -1.25, -1.3, -1.3], [0.8, 0.8, 1.0, 1.25, 1.5, 3.0]])
+    expected = torch.tensor([[-0.5, -0.75, -1.0, -1.25, -1.3, -1.3],
+                             [0.8, 0.8, 1.0, 1.25, 1.5, 3.0]])
     torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=1e-6)
-    # clip_high: A > 0 and r > 1.3 -> r = 1.5, 4 of row 0 (not 1.25); clip_low: A < 0 and r < 0.8 -> r = 0.5,
-    # 0.75 of row 1; dual: A < 0 and the cap 3 binds -> r = 4 of row 1.
+    # clip_high: A > 0 and r > 1.3 -> r = 1.5, 4 of row 0 (not 1.25); clip_low: A < 0 and r < 0.8
+    # -> r = 0.5, 0.75 of row 1; dual: A < 0 and the cap 3 binds -> r = 4 of row 1.
     f, t = False, True
     assert clips["clip_high"].tolist() == [[f, f, f, f, t, t], [f, f, f, f, f, f]]
     assert clips["clip_low"].tolist() == [[f, f, f, f, f, f], [t, t, f, f, f, f]]
@@ -146,7 +153,8 @@ def test_policy_loss_without_dual_clip():
     """dual_clip = 0 turns the cap off: A=-1, r=4 costs 4, not 3, and no dual mask is set."""
     logprobs, old, adv = _ratios_example()
     loss, clips = grpo.policy_loss(logprobs, old, adv, eps_low=0.2, eps_high=0.3, dual_clip=0.0)
-    expected = torch.tensor([[-0.5, -0.75, -1.0, -1.25, -1.3, -1.3], [0.8, 0.8, 1.0, 1.25, 1.5, 4.0]])
+    expected = torch.tensor([[-0.5, -0.75, -1.0, -1.25, -1.3, -1.3],
+                             [0.8, 0.8, 1.0, 1.25, 1.5, 4.0]])
     torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=1e-6)
     assert not clips["dual_clip"].any()
 
@@ -156,10 +164,10 @@ def test_policy_loss_gradient_is_zero_where_clipped():
     logprobs, old, adv = _ratios_example()
     loss, _ = grpo.policy_loss(logprobs, old, adv, eps_low=0.2, eps_high=0.3, dual_clip=3.0)
     loss.sum().backward()
-    # d(-A r)/d logp = -A r (r = exp(logp - old)).
+    # d(-A r)/d logp = -A r (r = experience(logp - old)).
     # A=+1: r = .5, .75, 1, 1.25 unclipped -> -r; r = 1.5, 4 clipped high -> 0
-    # A=-1: r = .5, .75 clipped low -> 0; r = 1, 1.25 -> r; r = 1.5 unclipped (above 1.3, under the cap 3) -> 1.5;
-    #       r = 4 dual-clipped -> 0
+    # A=-1: r = .5, .75 clipped low -> 0; r = 1, 1.25 -> r; r = 1.5 unclipped (above 1.3, under the
+    #       cap 3) -> 1.5; r = 4 dual-clipped -> 0
     expected = torch.tensor([[-0.5, -0.75, -1.0, -1.25, 0.0, 0.0], [0.0, 0.0, 1.0, 1.25, 1.5, 0.0]])
     torch.testing.assert_close(logprobs.grad, expected, rtol=0, atol=1e-6)
 
@@ -167,13 +175,14 @@ def test_policy_loss_gradient_is_zero_where_clipped():
 def test_policy_loss_zero_advantage_is_zero():
     """A = 0 gives loss 0 and no clip flags whatever the ratio."""
     logprobs, old, _ = _ratios_example()
-    loss, clips = grpo.policy_loss(logprobs, old, torch.zeros(2), 0.2, 0.3, 3.0)
+    loss, clips = grpo.policy_loss(logprobs, old, torch.zeros(2), eps_low=0.2, eps_high=0.3,
+                                   dual_clip=3.0)
     assert loss.detach().abs().max().item() == 0.0
     assert not any(m.any() for m in clips.values())
 
 
 def test_kl_k3_hand_values():
-    """k3 = exp(d) - d - 1 with d = ref - logp, clamped to [-10, 10]."""
+    """k3 = experience(d) - d - 1 with d = ref - logp, clamped to [-10, 10]."""
     logp = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0, -25.0])
     ref = torch.tensor([-1.0, -1.0 + math.log(2), -1.0 - math.log(2), 1.0, 4.0, -5.0])
     # d = 0 -> 0
@@ -185,7 +194,8 @@ def test_kl_k3_hand_values():
     expected = torch.tensor([0.0, 0.3068528, 0.1931472, 4.3890561, 10.0, 10.0])
     torch.testing.assert_close(grpo.kl_k3(logp, ref), expected, rtol=0, atol=1e-5)
     # large negative d: e^-20 + 20 - 1 = 19 -> clamped to 10
-    torch.testing.assert_close(grpo.kl_k3(torch.tensor([0.0]), torch.tensor([-20.0])), torch.tensor([10.0]))
+    torch.testing.assert_close(grpo.kl_k3(torch.tensor([0.0]), torch.tensor([-20.0])),
+                               torch.tensor([10.0]))
 
 
 def test_aggregate_hand_values():
@@ -193,30 +203,35 @@ def test_aggregate_hand_values():
     per_token = torch.tensor([[1.0, 2.0, 100.0], [4.0, 100.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     # token-mean: (1 + 2 + 4) / 3 = 7/3
-    assert grpo.aggregate(per_token, mask, "token-mean").item() == pytest.approx(7 / 3)
+    assert grpo.aggregate(per_token, mask, mode="token-mean").item() == pytest.approx(7 / 3)
     # seq-mean-token-mean: ((1 + 2) / 2 + 4 / 1) / 2 = (1.5 + 4) / 2 = 2.75
-    assert grpo.aggregate(per_token, mask, "seq-mean-token-mean").item() == pytest.approx(2.75)
+    assert grpo.aggregate(per_token, mask, mode="seq-mean-token-mean").item() == pytest.approx(2.75)
     with pytest.raises(ValueError, match="token-mean"):
-        grpo.aggregate(per_token, mask, "sum")
+        grpo.aggregate(per_token, mask, mode="sum")
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_aggregate_micro_batches_sum_to_whole(mode):
-    """Split a batch into unequal micro-batches; with the mini-batch totals their sum is the whole value."""
+    """Split a batch into unequal micro-batches; with the mini-batch totals their sum is the whole
+    value."""
     gen = torch.Generator().manual_seed(0)
     per_token = torch.randn(5, 4, generator=gen)
-    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float)
-    whole = grpo.aggregate(per_token, mask, mode)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]],
+                        dtype=torch.float)
+    whole = grpo.aggregate(per_token, mask, mode=mode)
     num_tokens, num_sequences = mask.sum().item(), 5
-    parts = [grpo.aggregate(per_token[s], mask[s], mode, num_tokens, num_sequences)
+    parts = [grpo.aggregate(per_token[s], mask[s], mode=mode, num_tokens=num_tokens,
+                            num_sequences=num_sequences)
              for s in (slice(0, 2), slice(2, 5))]
     assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), abs=1e-6)
-    # Obvious method: token-mean = masked sum / 11 tokens (4 + 1 + 2 + 3 + 1); seq mean = mean over rows of row means.
+    # Obvious method: token-mean = masked sum / 11 tokens (4 + 1 + 2 + 3 + 1); seq mean = mean over
+    # rows of row means.
     if mode == "token-mean":
         slow = sum(per_token[i, j].item() for i in range(5) for j in range(4) if mask[i, j]) / 11
     else:
-        slow = sum(sum(per_token[i, j].item() for j in range(4) if mask[i, j]) / mask[i].sum().item()
-                   for i in range(5)) / 5
+        slow = sum(
+            sum(per_token[i, j].item() for j in range(4) if mask[i, j]) / mask[i].sum().item()
+            for i in range(5)) / 5
     assert whole.item() == pytest.approx(slow, abs=1e-6)
 
 
@@ -225,23 +240,25 @@ def test_aggregate_micro_batches_sum_to_whole(mode):
 
 
 def test_next_token_top_p_top_k_and_recorded_logprob():
-    """top-p keeps the smallest prefix reaching p, top-k the k best, banned ids never come out, and the
-    recorded log-prob is the temperature-scaled one before truncation."""
+    """top-p keeps the smallest prefix reaching p, top-k the k best, banned ids never come out, and
+    the recorded log-prob is the temperature-scaled one before truncation."""
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, 4).clone()
     gen = torch.Generator().manual_seed(0)
-    # top_p 0.7: mass before each token (0, 0.5, 0.8, 0.95) -> keep tokens 0, 1; P(0) = .5 / .8 = .625
-    token, logp = grpo._next_token(logits.clone(), grpo.Sampling(1.0, 0.7, 0, 1), [], gen)
+    # top_p 0.7: mass before each token (0, 0.5, 0.8, 0.95) -> keep tokens 0, 1;
+    # P(0) = .5 / .8 = .625
+    token, logp = next_token(logits.clone(), Sampling(1.0, 0.7, 0, 1), [], gen)
     assert set(token.tolist()) == {0, 1}
-    assert (token == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)  # 4000 draws: sd 0.008
+    # 4000 draws: sd 0.008
+    assert (token == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
     torch.testing.assert_close(logp, probs.log()[token])
     # top_k 3: tokens 0..2 with probs renormalised over 0.95 -> P(2) = .15 / .95 = 0.158
-    token, _ = grpo._next_token(logits.clone(), grpo.Sampling(1.0, 1.0, 3, 1), [], gen)
+    token, _ = next_token(logits.clone(), Sampling(1.0, 1.0, 3, 1), [], gen)
     assert set(token.tolist()) == {0, 1, 2}
     assert (token == 2).float().mean().item() == pytest.approx(0.158, abs=0.03)
-    # banned 0 at temperature 2: p^(1/2) = (.70711, .54772, .38730, .22361); without token 0 the sum is
-    # 1.15863, so token 1 has log-prob log(.54772 / 1.15863) = log(.47273) = -0.74922
-    token, logp = grpo._next_token(logits.clone(), grpo.Sampling(2.0, 1.0, 0, 1), [0], gen)
+    # banned 0 at temperature 2: p^(1/2) = (.70711, .54772, .38730, .22361); without token 0 the sum
+    # is 1.15863, so token 1 has log-prob log(.54772 / 1.15863) = log(.47273) = -0.74922
+    token, logp = next_token(logits.clone(), Sampling(2.0, 1.0, 0, 1), [0], gen)
     assert 0 not in token.tolist()
     assert logp[token == 1][0].item() == pytest.approx(-0.74922, abs=1e-4)
 
@@ -249,10 +266,11 @@ def test_next_token_top_p_top_k_and_recorded_logprob():
 def test_next_token_top_p_after_top_k_renormalises():
     """top_k 2 then top_p 0.5 on probs (.4, .3, .2, .1): after top-k the kept probs renormalise to
     (4/7, 3/7) = (.571, .429); the mass before token 1 is .571 > .5, so only token 0 may be sampled.
-    (Without renormalising, the mass before token 1 is .4 <= .5 and token 1 is sampled ~43% of the time.)"""
+    (Without renormalising, the mass before token 1 is .4 <= .5 and token 1 is sampled ~43% of the
+    time.)"""
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     logits = probs.log().expand(2000, 4).clone()
-    token, _ = grpo._next_token(logits, grpo.Sampling(1.0, 0.5, 2, 1), [], torch.Generator().manual_seed(0))
+    token, _ = next_token(logits, Sampling(1.0, 0.5, 2, 1), [], torch.Generator().manual_seed(0))
     assert set(token.tolist()) == {0}
 
 
@@ -264,34 +282,38 @@ def test_sampled_logprobs_match_training_forward(tiny, prompts):
     """Images of 3 sizes, questions of 3 lengths, G = 3, top-p 0.9: the log-probs recorded while
     sampling equal a full training forward (chunk 5 < T) on every sampled token."""
     model, _, tokens = tiny
-    sampling = grpo.Sampling(temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=12)
-    rollout = grpo.sample(model, prompts, 3, sampling, tokens, torch.Generator().manual_seed(0))
-    assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert rollout.completion_ids.shape == rollout.completion_mask.shape == rollout.logprobs.shape
-    check_row_structure(rollout, tokens, 12)
+    sampling = Sampling(temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=12)
+    result = sample(model, prompts, group_size=3, sampling=sampling, tokens=tokens,
+                    generator=torch.Generator().manual_seed(0))
+    assert result.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert result.completion_ids.shape == result.completion_mask.shape == result.logprobs.shape
+    check_row_structure(result, tokens, 12)
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, rollout), rollout.completion_ids,
-                                               rollout.completion_mask, tokens, temperature=1.0, chunk_size=5)
-    assert logprobs.shape == rollout.logprobs.shape
-    assert masked_max_abs(logprobs, rollout.logprobs, rollout.completion_mask) <= 1e-5
-    assert torch.isfinite(logprobs[rollout.completion_mask.bool()]).all()
+        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
+                                               result.completion_ids, result.completion_mask,
+                                               tokens=tokens, temperature=1.0, chunk_size=5)
+    assert logprobs.shape == result.logprobs.shape
+    assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
+    assert torch.isfinite(logprobs[result.completion_mask.bool()]).all()
 
 
 def test_rows_end_at_their_first_eos_and_logprobs_still_match(tiny, prompts):
-    """With ~100 EOS ids rows end at different steps and leave the decoding batch; each row's mask is 1
-    up to and including its first EOS, 0 after, ids after are pad, and the remaining rows' log-probs
-    (decoded from a cache with rows removed) still equal the training forward."""
+    """With ~100 EOS ids rows end at different steps and leave the decoding batch; each row's mask
+    is 1 up to and including its first EOS, 0 after, ids after are pad, and the remaining rows'
+    log-probs (decoded from a cache with rows removed) still equal the training forward."""
     model, _, tokens = tiny
     eos_tokens = with_common_eos(tokens)
-    sampling = grpo.Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12)
-    rollout = grpo.sample(model, prompts, 4, sampling, eos_tokens, torch.Generator().manual_seed(1))
-    lengths = check_row_structure(rollout, eos_tokens, 12)
+    sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12)
+    result = sample(model, prompts, group_size=4, sampling=sampling, tokens=eos_tokens,
+                    generator=torch.Generator().manual_seed(1))
+    lengths = check_row_structure(result, eos_tokens, 12)
     assert min(lengths) < max(lengths), lengths  # rows really ended at different steps
-    assert rollout.completion_mask.sum(-1).tolist() == lengths
+    assert result.completion_mask.sum(-1).tolist() == lengths
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, rollout), rollout.completion_ids,
-                                               rollout.completion_mask, eos_tokens, temperature=1.0, chunk_size=5)
-    assert masked_max_abs(logprobs, rollout.logprobs, rollout.completion_mask) <= 1e-5
+        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
+                                               result.completion_ids, result.completion_mask,
+                                               tokens=eos_tokens, temperature=1.0, chunk_size=5)
+    assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
 def test_sampled_logprobs_match_training_forward_at_temperature(tiny, prompts):
@@ -299,77 +321,90 @@ def test_sampled_logprobs_match_training_forward_at_temperature(tiny, prompts):
     forward with temperature 0.7), and differ from the unscaled ones."""
     model, _, tokens = tiny
     eos_tokens = with_common_eos(tokens)
-    sampling = grpo.Sampling(temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=10)
-    rollout = grpo.sample(model, prompts, 3, sampling, eos_tokens, torch.Generator().manual_seed(2))
-    args = (model, row_prompts(prompts, rollout), rollout.completion_ids, rollout.completion_mask, eos_tokens)
+    sampling = Sampling(temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=10)
+    result = sample(model, prompts, group_size=3, sampling=sampling, tokens=eos_tokens,
+                    generator=torch.Generator().manual_seed(2))
+    args = (model, row_prompts(prompts, result), result.completion_ids, result.completion_mask)
     with torch.no_grad():
-        scaled, _ = grpo.completion_logprobs(*args, temperature=0.7, chunk_size=3)
-        unscaled, _ = grpo.completion_logprobs(*args, temperature=1.0, chunk_size=3)
-    assert masked_max_abs(scaled, rollout.logprobs, rollout.completion_mask) <= 1e-5
-    assert masked_max_abs(unscaled, rollout.logprobs, rollout.completion_mask) > 1e-3
+        scaled, _ = grpo.completion_logprobs(*args, tokens=eos_tokens, temperature=0.7,
+                                             chunk_size=3)
+        unscaled, _ = grpo.completion_logprobs(*args, tokens=eos_tokens, temperature=1.0,
+                                               chunk_size=3)
+    assert masked_max_abs(scaled, result.logprobs, result.completion_mask) <= 1e-5
+    assert masked_max_abs(unscaled, result.logprobs, result.completion_mask) > 1e-3
 
 
 def _generate_greedy(model, prompts, tokens, max_new_tokens):
-    batch = grpo.collate(model, prompts, tokens)
+    batch = collate(model, prompts, tokens)
     with torch.no_grad():
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                             pixel_values=batch["pixel_values"],
+                             image_grid_thw=batch["image_grid_thw"],
                              mm_token_type_ids=(batch["input_ids"] == tokens.image_token_id).int(),
                              bad_words_ids=[[i] for i in tokens.banned_ids], do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tokens.eos_ids, pad_token_id=tokens.pad_id)
+                             max_new_tokens=max_new_tokens, eos_token_id=tokens.eos_ids,
+                             pad_token_id=tokens.pad_id)
     return out[:, batch["input_ids"].shape[1]:]
 
 
 @pytest.mark.parametrize("which", [[0], [0, 1], [1, 2, 0]])
 @pytest.mark.parametrize("common_eos", [False, True])
 def test_greedy_matches_hf_generate(tiny, prompts, which, common_eos):
-    """Greedy decoding with the shared-prefix cache gives HF generate's greedy tokens (one prompt, and
-    left-padded batches of prompts of different lengths), compared up to each row's EOS. With common
-    EOS ids rows also end early (and so leave the cache) at different steps."""
+    """Greedy decoding with the shared-prefix cache gives HF generate's greedy tokens (one prompt,
+    and left-padded batches of prompts of different lengths), compared up to each row's EOS. With
+    common EOS ids rows also end early (and so leave the cache) at different steps."""
     model, _, tokens = tiny
     if common_eos:
         tokens = with_common_eos(tokens, eos_ids=range(200, 300))
     subset = [prompts[i] for i in which]
-    rollout = grpo.sample(model, subset, 1, grpo.Sampling(temperature=0.0, max_new_tokens=10), tokens)
+    result = sample(model, subset, group_size=1,
+                    sampling=Sampling(temperature=0.0, max_new_tokens=10), tokens=tokens)
     reference = _generate_greedy(model, subset, tokens, 10)
     lengths = expected_lengths(reference, set(tokens.eos_ids), 10)
     for row, n in enumerate(lengths):
-        assert rollout.completion_ids[row, :n].tolist() == reference[row, :n].tolist(), row
-        assert rollout.completion_mask[row].sum().item() == n
+        assert result.completion_ids[row, :n].tolist() == reference[row, :n].tolist(), row
+        assert result.completion_mask[row].sum().item() == n
 
 
 def test_banned_tokens_never_sampled(tiny, prompts):
-    """At temperature 5 (nearly flat), with ids 200..399 and the vision tokens banned, no banned id is
-    ever sampled and the training forward scores every sampled token with a finite log-prob equal to
-    the recorded one. Without the ban the same sampling (vision tokens still banned) does produce ids >= 200 (the test can fail)."""
+    """At temperature 5 (nearly flat), with ids 200..399 and the vision tokens banned, no banned id
+    is ever sampled and the training forward scores every sampled token with a finite log-prob
+    equal to the recorded one. Without the ban the same sampling (vision tokens still banned) does
+    produce ids >= 200 (the test can fail)."""
     model, _, tokens = tiny
     vocab = model.config.text_config.vocab_size
     banned = sorted(set(tokens.banned_ids) | set(range(200, vocab)))
     assert {9, 10, 11, 12, 13} <= set(banned)  # the five vision tokens of vlm.VISION_TOKENS
     restricted = dataclasses.replace(tokens, banned_ids=banned)
-    sampling = grpo.Sampling(temperature=5.0, top_p=1.0, top_k=0, max_new_tokens=40)
-    rollout = grpo.sample(model, prompts, 8, sampling, restricted, torch.Generator().manual_seed(3))
-    sampled = rollout.completion_ids[rollout.completion_mask.bool()]
+    sampling = Sampling(temperature=5.0, top_p=1.0, top_k=0, max_new_tokens=40)
+    result = sample(model, prompts, group_size=8, sampling=sampling, tokens=restricted,
+                    generator=torch.Generator().manual_seed(3))
+    sampled = result.completion_ids[result.completion_mask.bool()]
     assert sampled.numel() > 500
     assert not torch.isin(sampled, torch.tensor(banned)).any()
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, rollout), rollout.completion_ids,
-                                               rollout.completion_mask, restricted, temperature=5.0, chunk_size=16)
-    assert torch.isfinite(logprobs[rollout.completion_mask.bool()]).all()
-    assert masked_max_abs(logprobs, rollout.logprobs, rollout.completion_mask) <= 1e-5
+        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
+                                               result.completion_ids, result.completion_mask,
+                                               tokens=restricted, temperature=5.0, chunk_size=16)
+    assert torch.isfinite(logprobs[result.completion_mask.bool()]).all()
+    assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
-    free = grpo.sample(model, prompts, 8, sampling, tokens, torch.Generator().manual_seed(3))  # vision ban only
+    free = sample(model, prompts, group_size=8, sampling=sampling, tokens=tokens,
+                  generator=torch.Generator().manual_seed(3))  # vision ban only
     assert (free.completion_ids[free.completion_mask.bool()] >= 200).any()
 
 
-@pytest.mark.parametrize("truncation", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, temperature=0.7)])
+@pytest.mark.parametrize("truncation", [dict(top_k=1), dict(top_p=1e-6),
+                                        dict(top_k=1, temperature=0.7)])
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny, prompts, truncation):
     """Only the top token survives top_k=1 or top_p=1e-6, so sampling equals greedy decoding."""
     model, _, tokens = tiny
-    greedy = grpo.sample(model, prompts, 2, grpo.Sampling(temperature=0.0, max_new_tokens=8), tokens)
+    greedy = sample(model, prompts, group_size=2,
+                    sampling=Sampling(temperature=0.0, max_new_tokens=8), tokens=tokens)
     settings = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
     settings.update(truncation)
-    sampled = grpo.sample(model, prompts, 2, grpo.Sampling(**settings), tokens, torch.Generator().manual_seed(4))
+    sampled = sample(model, prompts, group_size=2, sampling=Sampling(**settings), tokens=tokens,
+                     generator=torch.Generator().manual_seed(4))
     assert torch.equal(sampled.completion_ids, greedy.completion_ids)
     assert torch.equal(sampled.completion_mask, greedy.completion_mask)
     # the 2 rows of a group are identical under greedy decoding
@@ -379,10 +414,11 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny, prompts, truncation):
 def test_sampling_is_seeded(tiny, prompts):
     """Same generator seed -> identical samples; another seed -> different samples."""
     model, _, tokens = tiny
-    sampling = grpo.Sampling(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=8)
+    sampling = Sampling(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=8)
 
     def run(seed):
-        return grpo.sample(model, prompts, 3, sampling, tokens, torch.Generator().manual_seed(seed))
+        return sample(model, prompts, group_size=3, sampling=sampling, tokens=tokens,
+                      generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(11), run(11), run(12)
     assert torch.equal(a.completion_ids, b.completion_ids)
@@ -398,23 +434,27 @@ def test_rollout_batches_concatenate(tiny, prompts):
     and the log-probs still match the training forward of each row's own prompt."""
     model, processor, tokens = tiny
     five = prompts + [encode_prompt(processor, noise_image(84, 56, 5), "Is it red?"),
-                      encode_prompt(processor, noise_image(56, 56, 6), "Which column has the most shapes?")]
+                      encode_prompt(processor, noise_image(56, 56, 6),
+                                    "Which column has the most shapes?")]
     eos_tokens = with_common_eos(tokens)
-    sampling = grpo.Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10)
-    # The slow way: `sample` on each batch of 2 prompts in turn, one generator stream. Take the first seed
-    # whose batches come out with different widths, so that the concatenation must pad.
+    sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10)
+    # The slow way: `sample` on each batch of 2 prompts in turn, one generator stream. Take the
+    # first seed whose batches come out with different widths, so that the concatenation must pad.
     for seed in range(5, 50):
         gen = torch.Generator().manual_seed(seed)
-        parts = [grpo.sample(model, five[s:s + 2], 2, sampling, eos_tokens, gen) for s in (0, 2, 4)]
+        parts = [sample(model, five[s:s + 2], group_size=2, sampling=sampling, tokens=eos_tokens,
+                        generator=gen)
+                 for s in (0, 2, 4)]
         if len({p.completion_ids.shape[1] for p in parts}) > 1:
             break
     assert len({p.completion_ids.shape[1] for p in parts}) > 1
     width = max(p.completion_ids.shape[1] for p in parts)
 
-    result = grpo.rollout(model, five, 2, sampling, eos_tokens, batch_size=2,
+    result = rollout(model, five, group_size=2, sampling=sampling, tokens=eos_tokens, batch_size=2,
                           generator=torch.Generator().manual_seed(seed))
     assert result.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert result.completion_ids.shape == result.completion_mask.shape == result.logprobs.shape == (10, width)
+    assert (result.completion_ids.shape == result.completion_mask.shape == result.logprobs.shape
+            == (10, width))
     row = 0
     for part in parts:
         w = part.completion_ids.shape[1]
@@ -427,8 +467,9 @@ def test_rollout_batches_concatenate(tiny, prompts):
             row += 1
     check_row_structure(result, eos_tokens, 10)
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(five, result), result.completion_ids,
-                                               result.completion_mask, eos_tokens, chunk_size=4)
+        logprobs, _ = grpo.completion_logprobs(model, row_prompts(five, result),
+                                               result.completion_ids, result.completion_mask,
+                                               tokens=eos_tokens, chunk_size=4)
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
@@ -437,18 +478,21 @@ def test_rollout_batches_concatenate(tiny, prompts):
 
 
 def _learning_run(model, tokens, four_prompts, sign, steps=15):
-    """GRPO steps where the reward is the fraction of completion tokens with id < 200 (about half the
-    vocabulary, so the random model starts near 0.5); `sign` -1 trains on the negated reward."""
+    """GRPO steps where the reward is the fraction of completion tokens with id < 200 (about half
+    the vocabulary, so the random model starts near 0.5); `sign` -1 trains on the negated reward."""
     cfg = stage_config(lr=1e-2, updates_per_step=1, micro_batch_size=8)
     optimizer = grpo.make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
-    sampling = grpo.Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                        max_new_tokens=cfg.max_new_tokens)
     history = []
     for _ in range(steps):
-        rollout = grpo.rollout(model, four_prompts, cfg.group_size, sampling, tokens, 4, gen)
-        mask = rollout.completion_mask
-        reward = ((rollout.completion_ids < 200).float() * mask).sum(-1) / mask.sum(-1)
-        metrics = grpo.train_step(model, None, optimizer, four_prompts, rollout, sign * reward, tokens, cfg)
+        result = rollout(model, four_prompts, group_size=cfg.group_size, sampling=sampling,
+                         tokens=tokens, batch_size=4, generator=gen)
+        mask = result.completion_mask
+        reward = ((result.completion_ids < 200).float() * mask).sum(-1) / mask.sum(-1)
+        metrics = grpo.train_step(model, None, optimizer, prompts=four_prompts, sampled=result,
+                                  rewards=sign * reward, tokens=tokens, cfg=cfg)
         assert metrics["skipped_updates"] == 0
         assert metrics["logprob_mismatch"] <= 1e-5
         history.append(reward.mean().item())
@@ -470,16 +514,19 @@ def test_grpo_steps_raise_a_learnable_reward(tiny_model_dir, tiny):
 
 
 def _experience(model, prompts, tokens, cfg, seed, advantages=None, reference=None):
-    """A scored rollout of 2 prompts x G 4 whose rows have different lengths."""
+    """A scored result of 2 prompts x G 4 whose rows have different lengths."""
     eos_tokens = with_common_eos(tokens)
-    sampling = grpo.Sampling(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    rollout = grpo.sample(model, prompts[:2], cfg.group_size, sampling, eos_tokens, torch.Generator().manual_seed(seed))
+    sampling = Sampling(temperature=cfg.temperature, top_p=1.0, top_k=0,
+                        max_new_tokens=cfg.max_new_tokens)
+    result = sample(model, prompts[:2], group_size=cfg.group_size, sampling=sampling,
+                    tokens=eos_tokens, generator=torch.Generator().manual_seed(seed))
     if advantages is None:
         rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2])
         advantages = grpo.group_advantages(rewards, cfg.group_size)
-    exp, stats = grpo.score_rollout(model, reference, prompts[:2], rollout, advantages, eos_tokens, cfg)
+    experience, stats = grpo.score_rollout(model, reference, prompts=prompts[:2], sampled=result,
+                                           advantages=advantages, tokens=eos_tokens, cfg=cfg)
     assert stats["logprob_mismatch"] <= 1e-5
-    return exp, eos_tokens
+    return experience, eos_tokens
 
 
 def test_update_skipped_when_grad_norm_not_finite(tiny, prompts):
@@ -493,18 +540,18 @@ def test_update_skipped_when_grad_norm_not_finite(tiny, prompts):
 
     bad = good.clone()
     bad[[1, 5]] = math.nan  # one NaN row in each mini-batch of 4 rows
-    exp, eos_tokens = _experience(model, prompts, tokens, cfg, seed=6, advantages=bad)
+    experience, eos_tokens = _experience(model, prompts, tokens, cfg, seed=6, advantages=bad)
     before = parameters(model)
     optimizer = grpo.make_optimizer(model, cfg)
-    metrics = grpo.grpo_update(model, optimizer, exp, eos_tokens, cfg)
+    metrics = grpo.grpo_update(model, optimizer, experience, tokens=eos_tokens, cfg=cfg)
     assert metrics["skipped_updates"] == 2
     assert math.isnan(metrics["grad_norm"])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
     half_bad = good.clone()
     half_bad[5] = math.nan  # second mini-batch only
-    exp.advantages = half_bad
-    metrics = grpo.grpo_update(model, optimizer, exp, eos_tokens, cfg)
+    experience.advantages = half_bad
+    metrics = grpo.grpo_update(model, optimizer, experience, tokens=eos_tokens, cfg=cfg)
     assert metrics["skipped_updates"] == 1
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
@@ -516,10 +563,12 @@ def test_finite_update_changes_parameters(tiny, prompts):
     base, _, tokens = tiny
     cfg = stage_config(updates_per_step=1, micro_batch_size=8)
     model = trainable_copy(base)
-    exp, eos_tokens = _experience(model, prompts, tokens, cfg, seed=7)
+    experience, eos_tokens = _experience(model, prompts, tokens, cfg, seed=7)
     before = parameters(model)
-    metrics = grpo.grpo_update(model, grpo.make_optimizer(model, cfg), exp, eos_tokens, cfg)
-    assert metrics["skipped_updates"] == 0 and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    metrics = grpo.grpo_update(model, grpo.make_optimizer(model, cfg), experience,
+                               tokens=eos_tokens, cfg=cfg)
+    assert (metrics["skipped_updates"] == 0 and math.isfinite(metrics["grad_norm"])
+            and metrics["grad_norm"] > 0)
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
     assert sum(changed) > len(changed) // 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -536,22 +585,24 @@ def _perturbed_reference(model):
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
 def test_gradient_accumulation_equals_whole_mini_batch(tiny, prompts, loss_agg):
-    """Rows of different lengths, k3 KL to a perturbed reference: grpo_update with micro-batches of 3
-    (3 + 3 + 2 rows) gives the same plain-SGD step (grad_clip off, so the step is -lr * gradient) as one
-    micro-batch of all 8 rows; the same holds with AdamW and grad clipping."""
+    """Rows of different lengths, k3 KL to a perturbed reference: grpo_update with micro-batches of
+    3 (3 + 3 + 2 rows) gives the same plain-SGD step (grad_clip off, so the step is -lr * gradient)
+    as one micro-batch of all 8 rows; the same holds with AdamW and grad clipping."""
     base, _, tokens = tiny
-    cfg = stage_config(loss_agg=loss_agg, kl_coef=0.1, max_new_tokens=8, micro_batch_size=8, grad_clip=1e9)
+    cfg = stage_config(loss_agg=loss_agg, kl_coef=0.1, max_new_tokens=8, micro_batch_size=8,
+                       grad_clip=1e9)
     reference = _perturbed_reference(base)
-    exp, eos_tokens = _experience(base, prompts, tokens, cfg, seed=8, reference=reference)
-    lengths = exp.rollout.completion_mask.sum(-1)
+    experience, eos_tokens = _experience(base, prompts, tokens, cfg, seed=8, reference=reference)
+    lengths = experience.sampled.completion_mask.sum(-1)
     assert len(set(lengths.tolist())) > 2, lengths  # token-mean and seq-mean really differ here
-    assert exp.ref_logprobs is not None
+    assert experience.ref_logprobs is not None
 
     def step(micro_batch_size, make_optimizer, grad_clip):
         model = trainable_copy(base)
         run_cfg = dataclasses.replace(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip)
         before = parameters(model)
-        metrics = grpo.grpo_update(model, make_optimizer(model, run_cfg), exp, eos_tokens, run_cfg)
+        metrics = grpo.grpo_update(model, make_optimizer(model, run_cfg), experience,
+                                   tokens=eos_tokens, cfg=run_cfg)
         assert metrics["skipped_updates"] == 0 and metrics["kl"] > 0
         return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics
 
@@ -567,9 +618,10 @@ def test_gradient_accumulation_equals_whole_mini_batch(tiny, prompts, loss_agg):
     assert m_micro["kl"] == pytest.approx(m_whole["kl"], rel=1e-5)
     assert m_micro["grad_norm"] == pytest.approx(m_whole["grad_norm"], rel=1e-5)
 
-    # AdamW (lr 1e-3): its first step is lr * g / (|g| + 1e-8) per weight, so where |g| is ~1e-8 (a few
-    # vision-tower weights) float rounding of g moves the step by a small fraction of lr; allow 1% of lr.
-    # (Adam is nearly scale-invariant, so the SGD comparison above is the one that pins the normalisation.)
+    # AdamW (lr 1e-3): its first step is lr * g / (|g| + 1e-8) per weight, so where |g| is ~1e-8 (a
+    # few vision-tower weights) float rounding of g moves the step by a small fraction of lr; allow
+    # 1% of lr. (Adam is nearly scale-invariant, so the SGD comparison above is the one that pins
+    # the normalisation.)
     whole, _ = step(8, grpo.make_optimizer, 1.0)
     micro, _ = step(4, grpo.make_optimizer, 1.0)
     assert max(d.abs().max().item() for d in whole) > 0.5 * cfg.lr

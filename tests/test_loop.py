@@ -8,9 +8,9 @@ import pytest
 import visplay
 from config import ConfigError, load_config
 
-ARTIFACTS = ["config.yaml", "eval_v0.json", "eval_v0_items.jsonl", "questioner_v1", "questions_v1.jsonl",
-             "labeled_v1.jsonl", "kept_v1.jsonl", "solver_v1", "eval_v1.json", "eval_v1_items.jsonl",
-             "metrics.jsonl", "summary.jsonl"]
+ARTIFACTS = ["config.yaml", "eval_v0.json", "eval_v0_items.jsonl", "questioner_v1",
+             "questions_v1.jsonl", "labeled_v1.jsonl", "kept_v1.jsonl", "reasoner_v1",
+             "eval_v1.json", "eval_v1_items.jsonl", "metrics.jsonl", "summary.jsonl"]
 
 
 def tiny_overrides(run_dir, model_dir, image_dir, benchmark_file):
@@ -19,13 +19,16 @@ def tiny_overrides(run_dir, model_dir, image_dir, benchmark_file):
             f"eval.benchmarks={{tiny: {benchmark_file}}}", "iterations=1", "model.min_pixels=784",
             "model.max_pixels=12544", "eval.max_new_tokens=12", "eval.samples=2",
             "questioner.steps=2", "questioner.prompts_per_step=2", "questioner.group_size=4",
-            "questioner.updates_per_step=2", "questioner.micro_batch_size=3", "questioner.max_new_tokens=12",
-            "questioner.answer_samples=3", "questioner.answer_max_new_tokens=12", "questioner.lr=1e-4",
-            "generation.questions_per_image=2", "generation.max_new_tokens=12", "generation.batch_size=5",
+            "questioner.updates_per_step=2", "questioner.micro_batch_size=3",
+            "questioner.max_new_tokens=12", "questioner.answer_samples=3",
+            "questioner.answer_max_new_tokens=12", "questioner.lr=1e-4",
+            "generation.questions_per_image=2", "generation.max_new_tokens=12",
+            "generation.batch_size=5",
             "labeling.answers_per_question=3", "labeling.max_new_tokens=12", "labeling.p_low=0.0",
             "labeling.p_high=1.0", "labeling.batch_size=7",
             "reasoner.steps=2", "reasoner.prompts_per_step=2", "reasoner.group_size=3",
-            "reasoner.updates_per_step=1", "reasoner.micro_batch_size=4", "reasoner.max_new_tokens=12"]
+            "reasoner.updates_per_step=1", "reasoner.micro_batch_size=4",
+            "reasoner.max_new_tokens=12"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def test_run_writes_every_artifact(finished_run):
     run_dir, _, summaries = finished_run
     for name in ARTIFACTS:
         assert os.path.exists(os.path.join(run_dir, name)), name
-    for checkpoint in ("questioner_v1", "solver_v1"):
+    for checkpoint in ("questioner_v1", "reasoner_v1"):
         files = os.listdir(os.path.join(run_dir, checkpoint))
         assert "config.json" in files and "model.safetensors" in files and "tokenizer.json" in files
     # 12 pool images x 2 questions each; every labeled row comes from a valid question
@@ -50,14 +53,15 @@ def test_run_writes_every_artifact(finished_run):
     assert len(labeled) == sum(q["valid"] for q in questions) > 0
     assert all(len(r["answers"]) == 3 for r in labeled)
     kept = [json.loads(line) for line in open(os.path.join(run_dir, "kept_v1.jsonl"))]
-    assert kept == [r for r in labeled if r["silver_answer"] is not None]  # band [0, 1] keeps all voted ones
+    # band [0, 1] keeps all voted ones
+    assert kept == [r for r in labeled if r["silver_answer"] is not None]
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [(m["stage"], m["step"]) for m in metrics] == [("questioner", 0), ("questioner", 1),
                                                         ("reasoner", 0), ("reasoner", 1)]
     for m in metrics:
-        for key in ("reward_mean", "reward_std", "advantage_std", "clip_frac_high", "clip_frac_low", "kl",
-                    "entropy", "response_length_mean", "grad_norm", "seconds_sampling", "seconds_scoring",
-                    "seconds_training"):
+        for key in ("reward_mean", "reward_std", "advantage_std", "clip_frac_high", "clip_frac_low",
+                    "kl", "entropy", "response_length_mean", "grad_norm", "seconds_sampling",
+                    "seconds_scoring", "seconds_training"):
             assert key in m, key
     assert [s["iteration"] for s in summaries] == [0, 1]
     assert summaries[1]["kept"] == len(kept) and summaries[1]["generated"] == 24
@@ -70,7 +74,8 @@ def test_rerun_resumes_instead_of_starting_over(finished_run, caplog):
     caplog.set_level("INFO", logger="visplay")
     again = visplay.run_loop(load_config("config.yaml", overrides))
     assert again == summaries
-    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in stamps if name != "config.yaml"} == \
+    assert {name: os.path.getmtime(os.path.join(run_dir, name))
+            for name in stamps if name != "config.yaml"} == \
         {name: t for name, t in stamps.items() if name != "config.yaml"}
     assert sum("stage skipped" in r.message for r in caplog.records) == 5
 
@@ -78,12 +83,12 @@ def test_rerun_resumes_instead_of_starting_over(finished_run, caplog):
 def test_rerun_redoes_only_missing_stages(finished_run, caplog):
     run_dir, overrides, _ = finished_run
     import shutil
-    shutil.rmtree(os.path.join(run_dir, "solver_v1"))
+    shutil.rmtree(os.path.join(run_dir, "reasoner_v1"))
     os.remove(os.path.join(run_dir, "eval_v1.json"))
     questions_stamp = os.path.getmtime(os.path.join(run_dir, "questions_v1.jsonl"))
     caplog.set_level("INFO", logger="visplay")
     visplay.run_loop(load_config("config.yaml", overrides))
-    assert os.path.exists(os.path.join(run_dir, "solver_v1"))
+    assert os.path.exists(os.path.join(run_dir, "reasoner_v1"))
     assert os.path.getmtime(os.path.join(run_dir, "questions_v1.jsonl")) == questions_stamp
     assert sum("stage skipped" in r.message for r in caplog.records) == 3
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -100,28 +105,88 @@ def test_rerun_with_another_config_is_refused(finished_run):
 def test_missing_model_folder_is_a_clear_error(tmp_path, image_dir):
     cfg = load_config("config.yaml", [f"run_dir={tmp_path}", f"model.path={tmp_path / 'nope'}",
                                       f"data.images={image_dir}"])
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(ConfigError, match="^model.path: .*nope"):
         visplay.run_loop(cfg)
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("questioner:\n  stepz: 3\n")
-    with pytest.raises(SystemExit, match="questioner.stepz"):
+    with pytest.raises(SystemExit) as exit_info:
         visplay.main(["--config", str(bad)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown key questioner.stepz;"), lines
+
+
+@pytest.mark.parametrize("case", ["images missing", "images empty", "manifest empty",
+                                  "benchmark missing", "model missing"])
+def test_bad_paths_fail_before_any_model_is_built(tmp_path, monkeypatch, image_dir, case):
+    """Every path the config names is checked first: a bad one is a ConfigError naming its key,
+    raised before the embedded world is built (minutes) or a model is loaded, and before the run
+    directory is made."""
+    import run as run_module
+    import toyworld
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("expensive work started before the paths were checked")
+
+    monkeypatch.setattr(toyworld, "build_embedded", forbidden)
+    monkeypatch.setattr(run_module, "load_vlm", forbidden)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "manifest.jsonl").write_text("\n")
+    overrides, key = {
+        "images missing": ([f"data.images={tmp_path / 'missing'}"], "data.images"),
+        "images empty": ([f"data.images={tmp_path / 'empty'}"], "data.images"),
+        "manifest empty": ([f"data.images={tmp_path / 'manifest.jsonl'}"], "data.images"),
+        "benchmark missing": ([f"eval.benchmarks={{mine: {tmp_path / 'absent.jsonl'}}}"],
+                              "eval.benchmarks.mine"),
+        "model missing": ([f"model.path={tmp_path / 'no-model'}", f"data.images={image_dir}"],
+                          "model.path"),
+    }[case]
+    run_dir = tmp_path / "run"
+    cfg = load_config("config.yaml", [f"run_dir={run_dir}"] + overrides)
+    with pytest.raises(ConfigError) as error:
+        visplay.run_loop(cfg)
+    assert str(error.value).startswith(f"{key}: "), str(error.value)
+    assert not run_dir.exists()
+
+
+def test_cli_missing_image_folder_is_one_line_and_status_2(tmp_path):
+    """The README's command with a missing image folder: one line on stderr, exit status 2, and no
+    embedded world built (the check runs before it)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(root, "visplay.py"), "--config",
+         os.path.join(root, "config.yaml"),
+         "--set", f"run_dir={run_dir}", "--set", f"data.images={tmp_path / 'missing'}"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.images: "), result.stderr
+    assert str(tmp_path / "missing") in lines[0]
+    assert not run_dir.exists()
 
 
 def test_final_table_reports_every_iteration_and_category():
     """The printed table, on two hand-written summary rows: accuracy, pass@1, majority@k in %, the
-    question statistics ('-' where the base has none), and one accuracy row per iteration per category."""
+    question statistics ('-' where the base has none), and one accuracy row per iteration per
+    category."""
     rows = [{"iteration": 0, "eval": {"toy": {"accuracy": 0.5, "pass@1": 0.25, "majority@k": 0.375,
                                               "by_category": {"count": 0.5, "exists": 0.5}}}},
-            {"iteration": 1, "kept": 7, "kept_confidence_mean": 0.55, "invalid_rate": 0.125, "distinct_ratio": 0.75,
-             "mean_pairwise_bleu": 0.2, "eval": {"toy": {"accuracy": 0.625, "pass@1": 0.5, "majority@k": 0.5,
-                                                         "by_category": {"count": 0.75, "exists": 0.5}}}}]
+            {"iteration": 1, "kept": 7, "kept_confidence_mean": 0.55, "invalid_rate": 0.125,
+             "distinct_ratio": 0.75, "mean_pairwise_bleu": 0.2,
+             "eval": {"toy": {"accuracy": 0.625, "pass@1": 0.5, "majority@k": 0.5,
+                              "by_category": {"count": 0.75, "exists": 0.5}}}}]
     lines = visplay.format_summary(rows).splitlines()
-    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | kept | mean p kept | invalid | distinct "
-                        "| pairwise BLEU |")
+    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | kept | mean p kept | invalid "
+                        "| distinct | pairwise BLEU |")
     assert lines[2] == "| 0 | 50.0 | 25.0 | 37.5 | - | - | - | - | - |"
     assert lines[3] == "| 1 | 62.5 | 50.0 | 50.0 | 7 | 0.55 | 0.12 | 0.75 | 0.20 |"
     assert lines[-3:] == ["|---|---|---|", "| 0 | 50.0 | 50.0 |", "| 1 | 75.0 | 50.0 |"]

@@ -8,8 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from data import render_shapes
-from grpo import Prompt
 from roles import (
     QUESTIONER_INSTRUCTION,
     REASONER_INSTRUCTION,
@@ -19,6 +17,8 @@ from roles import (
     questioner_prompt,
     reasoner_prompt,
 )
+from sampler import Prompt
+from toyworld import render_shapes
 from vlm import load_vlm
 
 # ----------------------------------------------------------------------------
@@ -37,11 +37,14 @@ def q(kind, question, answer):
     (q("multiple choice", "Is there a blue square?", "yes"),
      GeneratedQuestion("multiple choice", "Is there a blue square?", "yes", None)),
     (q("multiple choice", "Which colour is the circle? A. red B. blue C. green D. yellow", "A"),
-     GeneratedQuestion("multiple choice", "Which colour is the circle? A. red B. blue C. green D. yellow", "A",
+     GeneratedQuestion("multiple choice",
+                       "Which colour is the circle? A. red B. blue C. green D. yellow", "A",
                        ["red", "blue", "green", "yellow"])),
     # types: case-insensitive, hyphen / underscore for the space
-    (q("Multiple-Choice", "Is it red?", "no"), GeneratedQuestion("multiple choice", "Is it red?", "no", None)),
-    (q("MULTIPLE_CHOICE", "Is it red?", "no"), GeneratedQuestion("multiple choice", "Is it red?", "no", None)),
+    (q("Multiple-Choice", "Is it red?", "no"),
+     GeneratedQuestion("multiple choice", "Is it red?", "no", None)),
+    (q("MULTIPLE_CHOICE", "Is it red?", "no"),
+     GeneratedQuestion("multiple choice", "Is it red?", "no", None)),
     (q("Numerical", "How many?", "-2"), GeneratedQuestion("numerical", "How many?", "-2", None)),
     (q(" REGRESSION ", "Ratio?", "3/4"), GeneratedQuestion("regression", "Ratio?", "3/4", None)),
     # numbers: thousands separators, decimals, exponent
@@ -58,7 +61,8 @@ def test_parse_question_valid(text, expected):
 
 def test_parse_question_normalises_whitespace():
     text = q("multiple \n choice", "  How many\n  red   circles\tare there? ", "  B ")
-    assert parse_question(text) == GeneratedQuestion("multiple choice", "How many red circles are there?", "B", None)
+    assert parse_question(text) == GeneratedQuestion("multiple choice",
+                                                     "How many red circles are there?", "B", None)
 
 
 def test_parse_question_uses_first_occurrence_of_each_tag():
@@ -178,7 +182,8 @@ def test_questioner_prompt(processor):
 def test_reasoner_prompt(processor):
     question = "How many red circles are there?"
     prompt = reasoner_prompt(processor, _image(), question)
-    decoded = _check_prompt(processor, prompt, (1, 4, 6), [question, "\\boxed{}", REASONER_INSTRUCTION])
+    decoded = _check_prompt(processor, prompt, (1, 4, 6),
+                            [question, "\\boxed{}", REASONER_INSTRUCTION])
     assert decoded.index(question) < decoded.index(REASONER_INSTRUCTION)
     assert QUESTIONER_INSTRUCTION not in decoded
 

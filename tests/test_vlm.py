@@ -12,15 +12,16 @@ from transformers import AutoTokenizer, BertConfig, Qwen2_5_VLForConditionalGene
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from conftest import tiny_corpus
-from data import render_shapes
 from roles import reasoner_prompt
+from toyworld import render_shapes
 from vlm import SPECIAL_TOKENS, VISION_TOKENS, build_tiny_vlm, load_vlm, save_vlm
 
 SMALL_CORPUS = ["How many red circles are there?", "Is there a blue square?", "\\boxed{3}",
                 "<type>numerical</type><question>How many?</question><answer>2</answer>"] * 5
-TEXTS = ["How many red circles are there?", "Think step by step, then give the final answer in \\boxed{}.",
-         "héllo wörld — 世界 🙂\n\ttabs  and  double spaces ", "<type>numerical</type><answer>12</answer>",
-         "", " ", "\\boxed{-3.5}"]
+TEXTS = ["How many red circles are there?",
+         "Think step by step, then give the final answer in \\boxed{}.",
+         "héllo wörld — 世界 🙂\n\ttabs  and  double spaces ",
+         "<type>numerical</type><answer>12</answer>", "", " ", "\\boxed{-3.5}"]
 
 
 def _state_dicts_equal(a, b):
@@ -56,14 +57,15 @@ def test_build_then_load_round_trip(tmp_path):
 
 def test_build_is_deterministic(tiny_model_dir, tmp_path, loaded):
     # the same corpus, seed and sizes as conftest's fixture give the same weights and tokenizer
-    model, processor = build_tiny_vlm(str(tmp_path / "again"), tiny_corpus(), seed=0, vocab_size=400,
-                                      min_pixels=28 * 28, max_pixels=28 * 28 * 16)
+    model, processor = build_tiny_vlm(str(tmp_path / "again"), tiny_corpus(), seed=0,
+                                      vocab_size=400, min_pixels=28 * 28, max_pixels=28 * 28 * 16)
     _state_dicts_equal(model, loaded[0])
     for text in TEXTS:
         assert processor.tokenizer.encode(text) == loaded[1].tokenizer.encode(text)
     # and another seed gives other weights
     other, _ = build_tiny_vlm(str(tmp_path / "other"), tiny_corpus(), seed=1, vocab_size=400)
-    assert not torch.equal(other.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    assert not torch.equal(other.state_dict()["lm_head.weight"],
+                           model.state_dict()["lm_head.weight"])
 
 
 def test_saved_folder_loads_with_plain_transformers(tiny_model_dir, loaded):
@@ -77,13 +79,14 @@ def test_saved_folder_loads_with_plain_transformers(tiny_model_dir, loaded):
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
         tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n"
-                        "<|im_start|>assistant\n")
+    assert rendered == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                        "What is it?<|im_end|>\n<|im_start|>assistant\n")
 
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(tiny_model_dir)
     assert image_processor.patch_size == 14 and image_processor.merge_size == 2
     assert image_processor.temporal_patch_size == 2
-    assert image_processor.size["shortest_edge"] == 28 * 28 and image_processor.size["longest_edge"] == 28 * 28 * 16
+    assert (image_processor.size["shortest_edge"] == 28 * 28
+            and image_processor.size["longest_edge"] == 28 * 28 * 16)
     # 84x56 image: grid (1, 56/14, 84/14) = (1, 4, 6), 24 patches
     out = image_processor(images=[Image.new("RGB", (84, 56), (200, 10, 10))], return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 4, 6]]
@@ -93,18 +96,22 @@ def test_saved_folder_loads_with_plain_transformers(tiny_model_dir, loaded):
 def test_plain_and_load_vlm_models_give_the_same_forward(tiny_model_dir, loaded):
     model, processor = loaded
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    image = render_shapes([("circle", "red", 0, 0, 0.8), ("triangle", "green", 1, 1, 0.8)], rows=2, cols=3)
+    image = render_shapes([("circle", "red", 0, 0, 0.8), ("triangle", "green", 1, 1, 0.8)],
+                          rows=2, cols=3)
     prompt = reasoner_prompt(processor, image, "How many red circles are there?")
-    inputs = dict(input_ids=prompt.input_ids[None], attention_mask=torch.ones_like(prompt.input_ids)[None],
+    inputs = dict(input_ids=prompt.input_ids[None],
+                  attention_mask=torch.ones_like(prompt.input_ids)[None],
                   pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
     with torch.no_grad():
         a = model(**inputs).logits
         b = plain(**inputs).logits
-        other = reasoner_prompt(processor, Image.new("RGB", (84, 56), (0, 0, 0)), "How many red circles are there?")
+        other = reasoner_prompt(processor, Image.new("RGB", (84, 56), (0, 0, 0)),
+                                "How many red circles are there?")
         c = plain(**{**inputs, "pixel_values": other.pixel_values}).logits
     assert a.shape == (1, prompt.input_ids.numel(), len(processor.tokenizer))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert not torch.allclose(b, c)  # the image reaches the logits, so the comparison is not vacuous
+    # the image reaches the logits, so the comparison is not vacuous
+    assert not torch.allclose(b, c)
 
 
 def test_load_vlm_missing_folder(tmp_path):
@@ -123,7 +130,8 @@ def test_load_vlm_folder_without_config(tmp_path):
 
 def test_load_vlm_unsupported_model_type(tmp_path):
     folder = str(tmp_path / "bert")
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(folder)
     assert json.load(open(os.path.join(folder, "config.json")))["model_type"] == "bert"
     with pytest.raises(ValueError, match="model_type 'bert'") as info:
         load_vlm(folder)
@@ -208,7 +216,8 @@ def test_digits_are_single_tokens(loaded):
             assert not any(ch.isdigit() for ch in text) or len(text) == 1, token
 
 
-@pytest.mark.parametrize("text", TEXTS + ["ünïcödé ∑ ∫ ≤ 😀👍🏽", "日本語のテキスト", "\x00\x7f\r\n", "a" * 300,
+@pytest.mark.parametrize("text", TEXTS + ["ünïcödé ∑ ∫ ≤ 😀👍🏽",
+                                          "日本語のテキスト", "\x00\x7f\r\n", "a" * 300,
                                           "Ω" + "\u0301" + "ẞ"])
 def test_encode_decode_round_trip(loaded, text):
     tok = loaded[1].tokenizer
@@ -235,8 +244,8 @@ def test_special_tokens_are_single_ids(loaded):
 
 
 def test_vision_tokens():
-    assert set(VISION_TOKENS) == {"<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                  "<|video_pad|>"}
+    assert set(VISION_TOKENS) == {"<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                  "<|image_pad|>", "<|video_pad|>"}
     assert set(VISION_TOKENS) <= set(SPECIAL_TOKENS)
 
 
@@ -250,7 +259,8 @@ def test_model_config_points_at_the_tokenizer_ids(loaded):
     assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     eos = model.generation_config.eos_token_id
-    assert set(eos) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    assert set(eos) == {tok.convert_tokens_to_ids("<|im_end|>"),
+                        tok.convert_tokens_to_ids("<|endoftext|>")}
 
 
 def test_saved_folder_copy_is_self_contained(tiny_model_dir, tmp_path):
@@ -258,4 +268,5 @@ def test_saved_folder_copy_is_self_contained(tiny_model_dir, tmp_path):
     copy = str(tmp_path / "moved")
     shutil.copytree(tiny_model_dir, copy)
     model, processor = load_vlm(copy)
-    assert processor.tokenizer.encode("12") == [processor.tokenizer.convert_tokens_to_ids(d) for d in "12"]
+    assert (processor.tokenizer.encode("12")
+            == [processor.tokenizer.convert_tokens_to_ids(d) for d in "12"])

@@ -1,0 +1,215 @@
+"""Sampling from a vision-language model: G completions per (image, prompt), with a shared prefix.
+
+Written here rather than calling `model.generate`, because GRPO samples G completions of one
+prompt, and the prompt (image included) is the expensive part:
+
+1. `collate`: prompts left-padded into one batch (every prompt ends at the same column), with
+   Qwen's multimodal rope positions; completions, when given, after them.
+2. `next_token`: one token per row: temperature, top-k, top-p; vision placeholder tokens banned.
+3. `sample`: prefill each prompt ONCE (vision tower + prompt), copy its KV cache to its G rows, and
+   decode all rows together; a row that ends leaves the batch.
+4. `rollout`: `sample` over a long prompt list, a batch of prompts at a time.
+5. `decode`: completion token ids back to text.
+
+Conventions: N rows = prompts x G, grouped (prompt 0's G rows first); T = completion length.
+The policy is the model restricted to the tokens it may emit: vision placeholder tokens are masked
+out of its distribution both here and when `grpo.completion_logprobs` scores, so the two agree.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlm import VISION_TOKENS
+
+
+@dataclass
+class Prompt:
+    """One prompt (its image or images and text) encoded for the model."""
+    input_ids: torch.Tensor       # [P] chat-formatted prompt, image placeholders already expanded
+    pixel_values: torch.Tensor    # [patches, channels * temporal_patch * patch * patch]
+    image_grid_thw: torch.Tensor  # [images, 3] patch grid (t, h, w) of each image, in prompt order
+
+
+@dataclass
+class Tokens:
+    """Token ids that sampling and scoring need to know about."""
+    pad_id: int
+    eos_ids: list[int]
+    banned_ids: list[int]         # never sampled: vision placeholders, ids the tokenizer lacks
+    image_token_id: int
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of a list of prompts (rows grouped: prompt 0's G first)."""
+    prompt_index: torch.Tensor    # [N] index of the prompt each row answers
+    completion_ids: torch.Tensor  # [N, T] sampled tokens, pad after the end
+    completion_mask: torch.Tensor  # [N, T] 1.0 on sampled tokens (the EOS included), 0.0 after
+    logprobs: torch.Tensor        # [N, T] log-prob of each token under the policy as it sampled
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0      # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                # 0: off
+    max_new_tokens: int = 256
+
+
+def special_tokens(processor, model):
+    """The `Tokens` of a processor/model pair."""
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    eos = [i for i in (ids("<|im_end|>"), ids("<|endoftext|>"), tokenizer.eos_token_id)
+           if i is not None]
+    vocab = model.config.text_config.vocab_size
+    banned = sorted({ids(t) for t in VISION_TOKENS if ids(t) is not None}
+                    | set(range(len(tokenizer), vocab)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return Tokens(pad_id=pad, eos_ids=sorted(set(eos)), banned_ids=banned,
+                  image_token_id=model.config.image_token_id)
+
+
+def _device(model):
+    """Where the model computes: its buffers' device (with FSDP CPU offload the parameters sit in
+    CPU memory between uses, but the buffers, e.g. the rotary frequencies, stay on the GPU)."""
+    return next(model.buffers(), next(model.parameters())).device
+
+
+def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None):
+    """Batch prompts left-padded (so every prompt ends at the same column), completions after them.
+
+    Returns model inputs: input_ids / attention_mask [n, P + T], position_ids [3, n, P + T] (Qwen's
+    multimodal rope: image tokens get (t, h, w) positions, text continues after the largest),
+    pixel_values [sum of patches, D], image_grid_thw [total images, 3].
+    """
+    device = _device(model)
+    width = max(len(p.input_ids) for p in prompts)
+    input_ids = torch.full((len(prompts), width), tokens.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p.input_ids):] = p.input_ids
+        attention_mask[row, width - len(p.input_ids):] = 1
+    if completion_ids is not None:
+        input_ids = torch.cat([input_ids, completion_ids.cpu()], dim=1)
+        attention_mask = torch.cat([attention_mask, completion_mask.cpu().long()], dim=1)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    image_grid_thw = torch.cat([p.image_grid_thw for p in prompts]).to(device)
+    position_ids, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=(input_ids == tokens.image_token_id).int(),
+        image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                pixel_values=torch.cat([p.pixel_values for p in prompts]).to(device),
+                image_grid_thw=image_grid_thw)
+
+
+def next_token(logits, sampling, banned_ids, generator):
+    """Pick one token per row. logits [n, V] -> (tokens [n], their log-probs [n]).
+
+    The recorded log-prob is under the temperature-scaled policy before top-p / top-k truncation,
+    which is what `grpo.completion_logprobs` recomputes (the usual GRPO convention).
+    """
+    logits = logits.float()
+    logits[:, banned_ids] = -math.inf
+    if sampling.temperature > 0:
+        logits = logits / sampling.temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if sampling.temperature == 0:
+        token = logprobs.argmax(dim=-1)
+    else:
+        kept = logprobs.clone()
+        if sampling.top_k > 0:
+            kth = kept.topk(min(sampling.top_k, kept.shape[-1]), dim=-1).values[:, -1:]
+            kept[kept < kth] = -math.inf
+        if sampling.top_p < 1:
+            sorted_logprobs, order = kept.sort(dim=-1, descending=True)
+            probs = sorted_logprobs.softmax(dim=-1)  # renormalised after top-k, as vLLM and HF do
+            # keep the smallest prefix whose mass reaches top_p
+            mass_before = probs.cumsum(dim=-1) - probs
+            sorted_logprobs[mass_before > sampling.top_p] = -math.inf
+            kept = torch.full_like(kept, -math.inf).scatter(-1, order, sorted_logprobs)
+        token = torch.multinomial(kept.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, prompts, *, group_size, sampling, tokens, generator=None):
+    """Sample `group_size` completions for each prompt with a shared-prefix KV cache.
+
+    Steps: (1) prefill all prompts once, vision tower included; (2) repeat each prompt's cache and
+    last logits G times; (3) decode all rows together, one token per step, positions continuing the
+    prompt's multimodal rope; (4) a row that emits EOS is finished and leaves the batch (its cache
+    rows are dropped), so the step cost follows the rows still running.
+    Returns a `Rollout` with N = len(prompts) * group_size rows.
+    """
+    device = _device(model)
+    batch = collate(model, prompts, tokens)
+    out = model(**batch, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+    attention_mask = batch["attention_mask"].repeat_interleave(group_size, dim=0)
+    # First generated position of each row: one past the largest rope position of its prompt.
+    next_position = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(group_size) + 1
+
+    n_rows = len(prompts) * group_size
+    width = sampling.max_new_tokens
+    completion = torch.full((n_rows, width), tokens.pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n_rows, width), device=device)
+    mask = torch.zeros((n_rows, width), device=device)
+    eos = torch.tensor(tokens.eos_ids, device=device)
+    active = torch.arange(n_rows, device=device)  # rows still decoding, in cache order
+    length = 0
+    for step in range(width):
+        token, token_logprob = next_token(logits, sampling, tokens.banned_ids, generator)
+        completion[active, step] = token
+        logprobs[active, step] = token_logprob
+        mask[active, step] = 1.0
+        length = step + 1
+        running = ~torch.isin(token, eos)
+        if step == width - 1 or not running.any():
+            break
+        if not running.all():
+            keep = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, token, attention_mask = active[keep], token[keep], attention_mask[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))],
+                                   dim=1)
+        position = (next_position[active] + step).view(1, -1, 1).expand(3, -1, 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+    return Rollout(prompt_index, completion[:, :length], mask[:, :length], logprobs[:, :length])
+
+
+def concat_rollouts(parts, pad_id, prompt_offsets):
+    """Join rollouts of consecutive prompt batches; `prompt_offsets[i]` is part i's first prompt."""
+    width = max(part.completion_ids.shape[1] for part in parts)
+
+    def pad(x, value):
+        return F.pad(x, (0, width - x.shape[1]), value=value)
+
+    return Rollout(
+        prompt_index=torch.cat([part.prompt_index + offset
+                                for part, offset in zip(parts, prompt_offsets)]),
+        completion_ids=torch.cat([pad(part.completion_ids, pad_id) for part in parts]),
+        completion_mask=torch.cat([pad(part.completion_mask, 0.0) for part in parts]),
+        logprobs=torch.cat([pad(part.logprobs, 0.0) for part in parts]))
+
+
+def rollout(model, prompts, *, group_size, sampling, tokens, batch_size, generator=None):
+    """`sample` over a long prompt list, `batch_size` prompts prefilled at a time."""
+    starts = list(range(0, len(prompts), batch_size))
+    parts = [sample(model, prompts[start:start + batch_size], group_size=group_size,
+                    sampling=sampling, tokens=tokens, generator=generator) for start in starts]
+    return concat_rollouts(parts, tokens.pad_id, starts)
+
+
+def decode(processor, completion_ids, completion_mask):
+    """Completion texts, without special tokens. [N, T] -> list of N strings."""
+    rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+    return processor.tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -1,0 +1,296 @@
+"""Tests of answers.py: extraction, equivalence, majority vote, benchmark grading. Each rule is
+checked on the example it exists for and on the cases it must reject."""
+
+import pytest
+
+from answers import (
+    answer_correct,
+    answers_equivalent,
+    extract_answer,
+    extract_boxed,
+    infer_answer_type,
+    majority_vote,
+    normalize_answer,
+    normalize_text,
+)
+from rewards import reasoner_reward
+
+
+def grade(response, reference, choices=None, answer_type=None):
+    """A benchmark response graded as `eval.grade_item` grades it: extract, then the
+    type's rules."""
+    return answer_correct(extract_answer(response, choices), reference, choices, answer_type)
+
+
+# ----------------------------------------------------------------------------
+# Boxed extraction
+
+
+def test_extract_boxed():
+    assert extract_boxed(r"so \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{1} then \boxed{2}") == "2"  # the last wins
+    assert extract_boxed("the answer is 7") is None
+    assert extract_boxed(r"\boxed{3} and \boxed{4") == "3"  # unterminated box skipped
+    assert extract_boxed(r"\boxed{4") is None
+    assert extract_boxed(r"\boxed {x}") == "x"
+    assert extract_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces do not nest
+    assert extract_boxed(r"\boxed{}") == ""
+
+
+# ----------------------------------------------------------------------------
+# Normalisation and equivalence
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("(B)", "b"), ("B.", "b"), ("**B**", "b"), (r"\textbf{B}", "b"),
+    ("1,000", "1000"), (r"\frac{1}{2}", "0.5"), (r"\dfrac{1}{2}", "0.5"), (r"\tfrac12", "0.5"),
+    ("1/2", "0.5"), (r"-\frac{3}{4}", "-0.75"), ("0.50", "0.5"), ("3.", "3"),
+    (r"50\%", "50"), ("50%", "50"), ("12 cm", "12"), ("12cm", "12"), ("3 apples", "3"),
+    (r"45^\circ", "45"), (r"45^{\circ}", "45"), ("45°", "45"), (r"$\left( 3 \right)$", "3"),
+    (r"\text{yes}", "yes"), ("True", "yes"), ("correct", "yes"), ("Y", "yes"),
+    ("False", "no"), ("incorrect", "no"), ("n", "no"),
+    (r"\boxed{\frac{1}{2}}", "0.5"), ("  Red  ", "red"),
+    ("2x", "2x"),  # a letter glued to a number is algebra, not a unit
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+CHOICES = ["red", "blue", "green", "1/2"]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("B", "b"), ("(b)", "b"), ("B.", "b"), ("B)", "b"), ("option B", "b"), ("B: blue", "b"),
+    ("Blue", "b"), (r"\boxed{B}", "b"), (r"\boxed{blue}", "b"), ("the answer is (C)", "c"),
+    ("0.5", "d"),  # option texts compare by value too
+    ("E", "e"),  # not one of the four letters: stays a plain string
+])
+def test_normalize_answer_with_choices(raw, expected):
+    assert normalize_answer(raw, CHOICES) == expected
+
+
+def test_normalize_answer_option_texts_with_their_own_labels():
+    assert normalize_answer("blue", ["A. red", "B. blue"]) == "b"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("0.5", "1/2"), ("0.5", r"\frac{1}{2}"), (r"\dfrac{3}{4}", "0.75"), ("1,000", "1000"),
+    (r"45^\circ", "45"), ("12 cm", "12"), ("True", "yes"), ("(B)", "b"), ("50%", "50"),
+    ("1/3", "0.33333"),  # |1/3 - 0.33333| = 3.3e-6 <= 1e-4 * 1/3
+    ("3.0", "3"), ("None", "none"),
+])
+def test_equivalent(a, b):
+    assert answers_equivalent(a, b) and answers_equivalent(b, a)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("12", "1.2"), ("B", "AB"), ("yes", "not yes"), ("3", "3.5"), ("", ""), ("  ", "  "),
+    (None, None), (None, "3"), ("3", None), ("100000", "100001"),  # integers compare exactly
+    ("1/3", "0.333"),  # off by 1e-3 relative
+    ("$$", "$$"),  # nothing left after normalisation
+])
+def test_not_equivalent(a, b):
+    assert not answers_equivalent(a, b)
+
+
+def test_percent_as_decimal_only_when_asked():
+    assert not answers_equivalent("50%", "0.5")
+    assert answers_equivalent("50%", "0.5", percent_as_decimal=True)
+    assert answers_equivalent("0.5", r"50\%", percent_as_decimal=True)
+    assert answers_equivalent("50%", "50", percent_as_decimal=True)
+
+
+def test_equivalent_with_choices():
+    assert answers_equivalent("blue", "B", CHOICES)
+    assert answers_equivalent(r"\boxed{(B)}", "b", CHOICES)
+    assert not answers_equivalent("A", "B", CHOICES)
+    assert not answers_equivalent("red", "B", CHOICES)
+
+
+# ----------------------------------------------------------------------------
+# Majority vote
+
+
+def test_majority_vote_equivalent_spellings():
+    # {"0.5", "1/2", "\frac{1}{2}"} is one cluster of 3 of 5, beating {"2", "2"}
+    answers = ["2", "0.5", "1/2", "2", r"\frac{1}{2}"]
+    assert majority_vote(answers) == ("0.5", 3 / 5)
+
+
+def test_majority_vote_invalid_answers_never_win():
+    # 4 invalid answers outnumber the single "7" but only count in the denominator: 1/6
+    assert majority_vote([None, None, "7", None, "", "   "]) == ("7", 1 / 6)
+    assert majority_vote([None, "", None]) == (None, 0.0)
+    assert majority_vote([]) == (None, 0.0)
+    # the literal string "None" is an ordinary answer
+    assert majority_vote(["None", "None", "3"]) == ("None", 2 / 3)
+
+
+def test_majority_vote_ties_go_to_first_appearance():
+    assert majority_vote(["4", "5", "5", "4"]) == ("4", 0.5)
+    assert majority_vote(["5", "4", "4", "5", None]) == ("5", 0.4)
+
+
+def test_majority_vote_with_choices():
+    # "B", "(b)" and "blue" (the text of option B) are one cluster of 3 of 4
+    assert majority_vote(["B", "A", "(b)", "blue"], CHOICES) == ("B", 0.75)
+    # without choices "blue" is just a word: clusters {B, (b)}, {A}, {blue}
+    assert majority_vote(["B", "A", "(b)", "blue"]) == ("B", 0.5)
+
+
+# ----------------------------------------------------------------------------
+# Benchmark grading: lenient extraction (evaluation only) and rules per answer type
+
+MC = ["red", "blue", "green"]
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    (r"The answer is 3. So \boxed{4}", None, "4"),  # 1. the box wins over everything
+    ("The answer is 3. Because there are three.", None, "3"),  # 2. cut at ". "
+    ("The answer is 3.5", None, "3.5"),  # a decimal point is not a sentence end
+    (r"Answer: $\frac{1}{2}$", None, r"$\frac{1}{2}$"),
+    ("**Answer:** B", MC, "B"),
+    ("the answer is A; no wait, the answer is B", MC, "B"),  # the last phrase
+    ("the answer is", None, "the answer is"),  # nothing after it: falls through to the last line
+    ("Looking closely, it is (C).", MC, "C"),  # 3. a letter ending the last line
+    ("so **B**", MC, "B"),
+    # no choices: rule 3 is off
+    ("Looking closely, it is (C).", None, "Looking closely, it is (C)."),
+    ("so it is E", MC, "so it is E"),  # E is not one of 3 options
+    # a capital A that does not end the line
+    ("A cat sits on the mat.", MC, "A cat sits on the mat."),
+    ("Let me count.\n\n42\n", None, "42"),  # 4. the last non-empty line
+    ("", None, None), ("  \n ", None, None), (None, None, None),
+])
+def test_extract_answer(text, choices, expected):
+    assert extract_answer(text, choices) == expected
+
+
+def test_training_still_requires_the_box():
+    # evaluation reads "0.5" out of this response; the reasoner's reward does not
+    assert grade("The answer is 0.5", "0.5")
+    assert reasoner_reward("The answer is 0.5", "0.5") == 0.0
+
+
+@pytest.mark.parametrize("reference, choices, expected", [
+    ("B", MC, "multiple_choice"), ("yes", None, "yes_no"), ("No.", None, "yes_no"),
+    ("12", None, "integer"), ("1,234", None, "integer"), ("12 cm", None, "integer"),
+    ("3.0", None, "integer"),
+    ("2.5", None, "float"), (r"\frac{1}{2}", None, "float"),
+    ("50%", None, "integer"),  # "percentage" is never inferred
+    ("Eiffel Tower", None, "free_form"), ("true", None, "free_form"),
+])
+def test_infer_answer_type(reference, choices, expected):
+    assert infer_answer_type(reference, choices) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("The Eiffel Tower.", "eiffel tower"), ("eiffel tower", "eiffel tower"),
+    ("a red car", "red car"),
+    ("U.S.A.", "usa"), ("red-car", "redcar"), (r"\text{An apple}", "apple"), ("the", ""),
+])
+def test_normalize_text(raw, expected):
+    assert normalize_text(raw) == expected
+
+
+@pytest.mark.parametrize("response, reference", [
+    # multiple choice: a boxed letter, a bare letter, "(B)", "B.", lowercase, the option's text
+    (r"\boxed{B}", "B"), ("B", "B"), ("(B)", "B"), ("B.", "B"), ("b", "B"), ("blue", "B"),
+    ("Blue.", "B"),
+    ("The answer is (B).", "B"), ("I pick B", "B"), ("B. blue", "B"), (r"\boxed{blue}", "B"),
+    ("B", "blue"),  # a reference written as the option's text
+])
+def test_grade_multiple_choice(response, reference):
+    assert grade(response, reference, MC, "multiple_choice")
+
+
+@pytest.mark.parametrize("response, reference", [
+    ("AB", "B"), (r"\boxed{AB}", "B"), ("A", "B"), ("red", "B"), ("(A)", "B"),
+    ("\\boxed{A}\nso B", "B"),  # the box wins over the last line
+    ("D", "B"),  # no option D
+])
+def test_grade_multiple_choice_rejects(response, reference):
+    assert not grade(response, reference, MC, "multiple_choice")
+
+
+@pytest.mark.parametrize("response, reference, answer_type", [
+    ("12", "12", "integer"), ("3.0", "3", "integer"),
+    (r"\frac{1}{2}", "0.5", "float"), (r"\dfrac{3}{4}", "0.75", "float"), ("1/2", "0.5", "float"),
+    ("2.50001", "2.5", "float"),  # relative 4e-6 <= 1e-4
+    (r"90^\circ", "90", "integer"), ("90°", "90", "integer"),
+    (r"50\%", "50", "integer"), ("50%", "50", "integer"),
+    ("1,234", "1234", "integer"), ("1234", "1,234", "integer"),
+    ("12 cm", "12", "integer"), ("12cm", "12", "integer"), ("12", "12 cm", "integer"),
+    ("The answer is 7.", "7", "integer"),
+])
+def test_grade_numbers(response, reference, answer_type):
+    assert grade(response, reference, answer_type=answer_type)
+    assert grade(response, reference)  # the inferred type grades these alike
+
+
+@pytest.mark.parametrize("response, reference", [("50%", "0.5"), ("0.5", "50%"), (r"50\%", "0.5")])
+def test_grade_percentage_items_only(response, reference):
+    assert grade(response, reference, answer_type="percentage")
+    assert not grade(response, reference)  # inferred integer / float: 50 is not 0.5
+
+
+def test_grade_percentage_needs_a_percent_sign():
+    # only a number written with % is also read as a fraction of 100
+    assert not grade("50", "0.5", answer_type="percentage")
+    assert grade("50", "50%", answer_type="percentage")
+
+
+@pytest.mark.parametrize("response, reference, answer_type", [
+    ("12", "1.2", "float"), ("1.2", "12", "integer"), ("13", "12", "integer"),
+    ("2.6", "2.5", "float"),
+    ("3.0001", "3", "integer"),  # within 1e-4 relative, but an integer answer must be an integer
+    # percent vs decimal: only for "percentage" items
+    ("50%", "0.5", "float"), ("0.5", "50%", "integer"),
+    ("1.234", "1234", "integer"),
+])
+def test_grade_numbers_rejects(response, reference, answer_type):
+    assert not grade(response, reference, answer_type=answer_type)
+
+
+def test_grade_integer_rule_only_for_integer_items():
+    assert grade("3.0001", "3", answer_type="float")
+    assert not grade("3.0001", "3")  # "3" is inferred integer
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("yes", "yes", True), ("Yes", "yes", True), (r"\boxed{Yes}", "yes", True),
+    ("True", "yes", True),
+    ("correct", "yes", True), ("false", "no", True), ("No.", "no", True),
+    # a leading yes / no
+    ("Yes, there is a red square.", "yes", True), ("No, it is blue.", "no", True),
+    ("not yes", "yes", False), ("no", "yes", False), ("not", "no", False), ("nope", "no", False),
+    ("Yes, there is a red square.", "no", False),
+])
+def test_grade_yes_no(response, reference, expected):
+    assert grade(response, reference, answer_type="yes_no") is expected
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("The Eiffel Tower", "eiffel tower.", True),
+    (r"\boxed{the eiffel tower}", "Eiffel Tower", True),
+    ("a red car", "red car", True), ("Red car!", "red car", True),
+    ("Eiffel", "Eiffel Tower", False), ("eiffel towers", "eiffel tower", False),
+    # punctuation is deleted, not made a space
+    ("U.S.A.", "USA", True), ("red-car", "red car", False),
+    ("The", "a", False),  # nothing left after dropping the articles
+])
+def test_grade_free_form(response, reference, expected):
+    assert grade(response, reference, answer_type="free_form") is expected
+
+
+def test_grade_alternatives():
+    # "x<OR>y" accepts either (MM-Vet); each alternative is graded by the item's rules
+    assert grade("1/2", "0.5<OR>half", answer_type="free_form")
+    assert grade("Half.", "0.5<OR>half", answer_type="free_form")
+    assert not grade("2", "0.5<OR>half", answer_type="free_form")
+
+
+def test_answer_correct_missing_answer():
+    assert not answer_correct(None, "yes", answer_type="yes_no")
+    assert not answer_correct("", "", answer_type="free_form")
+    assert not grade(None, "3")
