@@ -153,6 +153,12 @@ def normalize_answer(answer: str, choices: list[str] | None = None) -> str:
     return _canonical(answer, choices).text
 
 
+def answer_number(answer: str) -> Fraction | None:
+    """The value of an answer that is a number by `normalize_answer`'s rules ("45%" -> 45,
+    "3 cars" -> 3, "\\frac{1}{2}" -> 1/2, "1,000" -> 1000), else None."""
+    return _canonical(answer, None).number
+
+
 def _numbers_close(a: Fraction, b: Fraction) -> bool:
     # Integers exactly (100000 vs 100001 is within 1e-4); others to a relative 1e-4.
     if a.denominator == 1 and b.denominator == 1:

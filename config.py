@@ -23,6 +23,8 @@ class ModelConfig:
     freeze_vision: bool = False       # keep the vision tower fixed during both GRPO stages
     cpu_offload: bool = False         # torchrun: sharded weights, gradients, optimizer state in CPU
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    kv_cache_gib: float | None = 16.0  # KV cache one sampling batch may hold, per process
+    prefill_tokens: int | None = 32768  # padded prompt tokens per prefill forward
 
 
 @dataclass
@@ -61,9 +63,7 @@ class QuestionerConfig(StageConfig):
     prompts_per_step: int = 512
     max_new_tokens: int = 256
     answer_samples: int = 10          # m: frozen reasoner's answers per question -> confidence p
-    answer_temperature: float = 1.0
-    answer_top_p: float = 0.99
-    answer_max_new_tokens: int = 512
+                                      # (sampled as labeling's: its temperature, top_p, budget)
     uncertainty_scale: float = 1.0    # 1: paper's 1 - 2|p - 1/2|; 0.5: released min(p, 1 - p)
     diversity_weight: float = 1.0     # weight of the BLEU-cluster penalty
     diversity_threshold: float = 0.5  # average-linkage distance threshold (distance = 1 - BLEU)
@@ -113,6 +113,7 @@ class Config:
     device: str = "auto"              # auto | cpu | cuda
     iterations: int = 3
     save_every: int = 5               # GRPO steps between resumable checkpoints; 0: none
+    timeout_minutes: int = 60         # torchrun: how long a rank waits for the others
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     questioner: QuestionerConfig = field(default_factory=QuestionerConfig)
@@ -158,6 +159,14 @@ def _coerce(value, kind, key):
     return value
 
 
+# Keys that were removed, and what replaced them (an old config gets this instead of "unknown").
+REMOVED = {
+    f"questioner.{name}": f"removed: the reasoner's answers that score a question are sampled as "
+                          f"labeling's are, with labeling.{name.removeprefix('answer_')} (one "
+                          "budget, so p at reward time predicts p at labeling time)"
+    for name in ("answer_temperature", "answer_top_p", "answer_max_new_tokens")}
+
+
 def _build(cls, data, prefix):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, "
@@ -165,6 +174,9 @@ def _build(cls, data, prefix):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for name in unknown:
+        if prefix + name in REMOVED:
+            raise ConfigError(f"{prefix}{name}: {REMOVED[prefix + name]}")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; accepted keys here: "
                           f"{', '.join(sorted(names))}")
@@ -187,6 +199,7 @@ def _check(cfg):
     need(cfg.iterations >= 1, "iterations", "must be >= 1")
     need(cfg.save_every >= 0, "save_every", "must be >= 0 (0: no checkpoints inside a stage)")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    need(cfg.timeout_minutes >= 1, "timeout_minutes", "must be >= 1")
     model = cfg.model
     need(model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     need(model.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
@@ -194,6 +207,10 @@ def _check(cfg):
     need(model.min_pixels > 0, "model.min_pixels", "must be > 0")
     need(model.min_pixels <= model.max_pixels, "model.min_pixels",
          f"must be <= model.max_pixels ({model.max_pixels})")
+    need(model.kv_cache_gib is None or model.kv_cache_gib > 0, "model.kv_cache_gib",
+         "must be > 0 or null (no bound)")
+    need(model.prefill_tokens is None or model.prefill_tokens >= 1, "model.prefill_tokens",
+         "must be >= 1 or null (no bound)")
     need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images",
          "must be >= 1 or null")
     for role in ("questioner", "reasoner"):
@@ -224,10 +241,6 @@ def _check(cfg):
              "must be token-mean or seq-mean-token-mean")
     questioner = cfg.questioner
     need(questioner.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
-    need(questioner.answer_temperature > 0, "questioner.answer_temperature", "must be > 0")
-    need(0 < questioner.answer_top_p <= 1, "questioner.answer_top_p", "must be in (0, 1]")
-    need(questioner.answer_max_new_tokens >= 1, "questioner.answer_max_new_tokens",
-         "must be >= 1")
     need(questioner.diversity_weight >= 0, "questioner.diversity_weight", "must be >= 0")
     need(0 < questioner.diversity_threshold <= 1, "questioner.diversity_threshold",
          "must be in (0, 1]")

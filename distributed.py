@@ -10,9 +10,11 @@ single-process identity, so the same code runs on a laptop. Backend: NCCL on CUD
 - ranks and collectives: `init`, `rank`, `world_size`, `barrier`, `all_gather_list`,
   `all_reduce_sum`;
 - work split over ranks: `my_share` (a range of indices), `my_part` (a GRPO step's batch);
-- FSDP2 by hand: `shard_model`, `is_sharded`, `gathered` (whole weights for a rollout).
+- FSDP2 by hand: `shard_model`, `load_into_shards` (weights read once, by rank 0), `is_sharded`,
+  `gathered` (whole weights for a rollout).
 """
 
+import datetime
 import os
 import types
 from contextlib import contextmanager
@@ -21,10 +23,15 @@ import torch
 import torch.distributed as dist
 
 
-def init(device_type):
-    """Join the process group torchrun describes; returns this process's device."""
+def init(device_type, timeout_minutes=60):
+    """Join the process group torchrun describes; returns this process's device.
+
+    timeout_minutes: how long a collective waits for the slowest rank before the run fails (NCCL's
+    default, 10 minutes, is shorter than rank 0 writing a 7B export while the others wait).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -99,8 +106,7 @@ def my_part(items, blocks=1):
 # FSDP2 by hand (torchtitan style)
 
 
-def shard_model(model, *, mixed_precision, cpu_offload=False, activation_checkpointing=False,
-                forward_methods=None):
+def shard_model(model, *, mixed_precision, cpu_offload=False, forward_methods=None):
     """Shard a Qwen-VL model over the process group with FSDP2 (`fully_shard`).
 
     Units: each vision block and each language decoder layer is its own unit (it all-gathers its
@@ -113,21 +119,18 @@ def shard_model(model, *, mixed_precision, cpu_offload=False, activation_checkpo
         are not rounded away.
     cpu_offload: sharded parameters, gradients and optimizer state live in CPU memory (they move
         to the GPU unit by unit): trades speed for GPU memory on big models.
-    activation_checkpointing: every block recomputes its activations in backward, so only block
-        inputs are kept alive: trades a second forward for activation memory on long sequences.
     forward_methods: {name: function(model, ...)} methods other than `forward` that compute with
         the model's weights (`grpo.FORWARD_METHODS`, the chunked log-prob forward, which calls the
         inner model and lm_head directly). They are bound to the model and registered as forwards
         of the root, so the root's weights are gathered while they run and its gradients reduced.
 
     Gradients are summed over ranks, not averaged (divide factor 1): `grpo.grpo_update` normalises
-    the loss by totals already summed over ranks.
+    the loss by totals already summed over ranks. A frozen model (no parameter requires grad)
+    forgets each forward's FSDP bookkeeping before the next one (`_forget_forwards`).
     """
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                         fully_shard, register_fsdp_forward_method)
 
-    if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if mixed_precision else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
@@ -141,6 +144,38 @@ def shard_model(model, *, mixed_precision, cpu_offload=False, activation_checkpo
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-scaled sum
+    if not any(p.requires_grad for p in model.parameters()):
+        states = [m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+        model.model.register_forward_pre_hook(lambda *_: _forget_forwards(states))
+    return model
+
+
+def _forget_forwards(states):
+    """FSDP2 records every forward of every unit (the order the backward prefetches in) and clears
+    the record only at the end of a backward. A frozen model never runs one, so the record would
+    grow by one entry per unit on each of its thousands of forwards: clear it before each."""
+    for state in states:
+        state._comm_ctx.post_forward_order.clear()
+        if state._fsdp_param_group is not None:
+            state._fsdp_param_group._post_forward_indices.clear()
+
+
+def load_into_shards(model, full_model, device):
+    """Fill a model built on the meta device and sharded (`shard_model`) with the weights of
+    `full_model`, which only rank 0 has read (None elsewhere): rank 0 broadcasts one tensor at a
+    time and every rank keeps its shard, so no other rank ever holds the whole model (a 7B model
+    in fp32 is 30 GB per process). The buffers (rotary frequencies, not in a state dict) follow.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full_state = full_model.state_dict() if is_main() else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
+    buffers = [dict(full_model.named_buffers()) if is_main() else None]
+    dist.broadcast_object_list(buffers, src=0)
+    for name, value in buffers[0].items():
+        module_name, _, buffer_name = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[buffer_name] = value.to(device)
     return model
 
 

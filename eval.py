@@ -34,7 +34,7 @@ from answers import OPTION_LETTERS, answer_correct, extract_answer, majority_vot
 from benchmark_files import LAYOUTS, load_benchmark
 from data import load_image, write_json, write_jsonl
 from roles import parse_choices, reasoner_prompt
-from sampler import Sampling, decode, rollout, special_tokens
+from sampler import Limits, Sampling, decode, rollout, special_tokens
 
 log = logging.getLogger("visplay")
 
@@ -50,11 +50,11 @@ def format_question(item):
     return item.question
 
 
-def generate(model, processor, prompts, *, group_size, sampling, tokens, generator=None):
+def generate(model, processor, prompts, *, group_size, sampling, tokens, limits, generator=None):
     """Texts of `group_size` completions per prompt (prompt i's at i*G .. i*G+G-1): the boundary
     between the model and grading (tests replace it with fixed texts)."""
     sampled = rollout(model, prompts, group_size=group_size, sampling=sampling, tokens=tokens,
-                      batch_size=len(prompts), generator=generator)
+                      limits=limits, generator=generator)
     return decode(processor, sampled.completion_ids, sampled.completion_mask)
 
 
@@ -84,13 +84,15 @@ def grade_item(item, text, sampled_texts=None, judge=None):
 
 @torch.no_grad()
 def evaluate(model, processor, items, *, min_pixels, max_pixels, max_new_tokens=1024,
-             batch_size=32, samples=0, seed=0, judge=None, report=None, progress=True):
+             batch_size=32, samples=0, seed=0, judge=None, report=None, progress=True,
+             kv_cache_gib=None, prefill_tokens=None):
     """Greedy answer per item (and, with samples=k > 0, k sampled answers at temperature 1), graded.
 
     Returns one `grade_item` row per item. Prompts are built and answered `batch_size` at a time,
     so only one batch of images is in memory. An item whose image fails to load is logged, skipped
     and counted in `report` (a Counter, optional) under "unreadable image". judge: see
     `grade_item`. progress: a tqdm bar over the items (drawn only on a terminal).
+    kv_cache_gib, prefill_tokens: the sampler's memory bounds (`sampler.Limits`).
     """
     model.eval()
     tokens = special_tokens(processor, model)
@@ -115,12 +117,14 @@ def evaluate(model, processor, items, *, min_pixels, max_pixels, max_new_tokens=
             prompts.append(reasoner_prompt(processor, images, format_question(item)))
             kept.append(item)
         if prompts:
+            limits = Limits(len(prompts), kv_cache_gib, prefill_tokens)
             texts = generate(model, processor, prompts, group_size=1, sampling=greedy,
-                             tokens=tokens)
+                             tokens=tokens, limits=limits)
             votes = None
             if samples:
                 votes = generate(model, processor, prompts, group_size=samples,
-                                 sampling=at_temperature_one, tokens=tokens, generator=generator)
+                                 sampling=at_temperature_one, tokens=tokens, limits=limits,
+                                 generator=generator)
             results += [grade_item(item, texts[i],
                                    votes[i * samples:(i + 1) * samples] if samples else None, judge)
                         for i, item in enumerate(kept)]

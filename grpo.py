@@ -17,6 +17,7 @@ Conventions: N sequences = prompts x G; T = completion length; tensors are [N, T
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -105,13 +106,15 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
 def group_advantages(rewards, group_size, eps=1e-6):
     """(r - mean) / (std + eps) within consecutive groups of `group_size`. rewards [N] -> [N].
 
-    std is the unbiased one (Bessel), as in the released code; a group whose rewards are all equal
-    gets advantage 0 for every member and contributes no policy gradient.
+    std is the unbiased one (Bessel), as in the released code. A group whose rewards are all equal
+    gets advantage exactly 0 for every member and contributes no policy gradient (computed, its
+    mean can be one rounding off the common value, and that error divided by std + eps is not 0).
     """
     groups = rewards.view(-1, group_size)
     mean, std = groups.mean(dim=1, keepdim=True), groups.std(dim=1, keepdim=True)
     advantages = (groups - mean) / (std + eps)
-    return advantages.view(-1)
+    all_equal = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    return advantages.masked_fill(all_equal, 0.0).view(-1)
 
 
 def policy_loss(logprobs, old_logprobs, advantages, *, eps_low, eps_high, dual_clip):
@@ -164,6 +167,13 @@ def aggregate(per_token, mask, *, mode, num_tokens=None, num_sequences=None):
 # One GRPO step
 
 
+def _trimmed(ids, mask):
+    """A micro-batch's completions cut to its own longest one: the rollout pads every row to the
+    longest of the whole batch, and a forward over that padding would cost time and memory."""
+    width = int(mask.sum(-1).max().item())
+    return ids[:, :width], mask[:, :width]
+
+
 @dataclass
 class Experience:
     """A scored rollout batch, ready for the update."""
@@ -175,27 +185,36 @@ class Experience:
 
 
 @torch.no_grad()
-def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cfg):
+def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cfg,
+                  autocast=nullcontext, on_device=nullcontext):
     """Recompute old-policy and reference log-probs (no grad), micro-batch by micro-batch.
+    on_device(reference): the context the reference scores in (`Run.on_device`).
 
     Returns (Experience, stats): stats holds the entropy and the largest gap between the sampled
     and the recomputed log-probs.
     """
     old, ref, entropy = [], [], []
-    rows = sampled.prompt_index.shape[0]
-    for start in range(0, rows, cfg.micro_batch_size):
-        rows_here = slice(start, start + cfg.micro_batch_size)
-        micro_prompts = [prompts[i] for i in sampled.prompt_index[rows_here].tolist()]
-        ids, mask = sampled.completion_ids[rows_here], sampled.completion_mask[rows_here]
-        logprobs, token_entropy = completion_logprobs(
-            policy, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
-            chunk_size=cfg.logprob_chunk, with_entropy=True)
-        old.append(logprobs)
-        entropy.append(token_entropy)
-        if reference is not None:
-            ref.append(completion_logprobs(reference, micro_prompts, ids, mask, tokens=tokens,
-                                           temperature=cfg.temperature,
-                                           chunk_size=cfg.logprob_chunk)[0])
+    rows, width = sampled.completion_ids.shape
+
+    def padded(x):  # back to the batch's width, for [N, T] tensors
+        return F.pad(x, (0, width - x.shape[1]))
+
+    with on_device(reference) if reference is not None else nullcontext():
+        for start in range(0, rows, cfg.micro_batch_size):
+            rows_here = slice(start, start + cfg.micro_batch_size)
+            micro_prompts = [prompts[i] for i in sampled.prompt_index[rows_here].tolist()]
+            ids, mask = _trimmed(sampled.completion_ids[rows_here],
+                                 sampled.completion_mask[rows_here])
+            with autocast():
+                logprobs, token_entropy = completion_logprobs(
+                    policy, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
+                    chunk_size=cfg.logprob_chunk, with_entropy=True)
+                old.append(padded(logprobs))
+                entropy.append(padded(token_entropy))
+                if reference is not None:
+                    ref.append(padded(completion_logprobs(
+                        reference, micro_prompts, ids, mask, tokens=tokens,
+                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)[0]))
     old = torch.cat(old)
     mask = sampled.completion_mask.to(old.device)
     entropy_sum, tokens_sum = distributed.all_reduce_sum([(torch.cat(entropy) * mask).sum().item(),
@@ -234,7 +253,7 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
-def grpo_update(policy, optimizer, experience, *, tokens, cfg):
+def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcontext):
     """`cfg.updates_per_step` optimizer updates over one scored rollout batch (one pass, in order).
 
     Per mini-batch: zero grads; for each micro-batch, loss = aggregate(policy_loss + kl_coef * k3)
@@ -262,17 +281,20 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg):
             rows_here = slice(start, min(start + cfg.micro_batch_size, last))
             micro_prompts = [experience.prompts[i]
                              for i in sampled.prompt_index[rows_here].tolist()]
-            ids, mask = sampled.completion_ids[rows_here], sampled.completion_mask[rows_here]
-            logprobs, _ = completion_logprobs(policy, micro_prompts, ids, mask, tokens=tokens,
-                                              temperature=cfg.temperature,
-                                              chunk_size=cfg.logprob_chunk)
+            ids, mask = _trimmed(sampled.completion_ids[rows_here],
+                                 sampled.completion_mask[rows_here])
+            width = ids.shape[1]
+            with autocast():  # the forward only: backward and the step run outside it
+                logprobs, _ = completion_logprobs(policy, micro_prompts, ids, mask, tokens=tokens,
+                                                  temperature=cfg.temperature,
+                                                  chunk_size=cfg.logprob_chunk)
             mask = mask.to(logprobs.device)
-            per_token, clips = policy_loss(logprobs, experience.old_logprobs[rows_here],
+            per_token, clips = policy_loss(logprobs, experience.old_logprobs[rows_here, :width],
                                            experience.advantages[rows_here], eps_low=cfg.eps_low,
                                            eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
             kl = None
             if experience.ref_logprobs is not None:
-                kl = kl_k3(logprobs, experience.ref_logprobs[rows_here])
+                kl = kl_k3(logprobs, experience.ref_logprobs[rows_here, :width])
                 per_token = per_token + cfg.kl_coef * kl
             loss = aggregate(per_token, mask, mode=cfg.loss_agg, num_tokens=num_tokens,
                              num_sequences=num_sequences)
@@ -304,17 +326,23 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg):
             "skipped_updates": skipped}
 
 
-def train_step(policy, reference, optimizer, *, prompts, sampled, rewards, tokens, cfg):
+def train_step(policy, reference, optimizer, *, prompts, sampled, rewards, tokens, cfg,
+               autocast=nullcontext, on_device=nullcontext):
     """One GRPO step after the rollout: advantages, old/reference log-probs, the updates.
 
     prompts: the `Prompt` of each prompt index of `sampled`; rewards [N], grouped as `sampled` is.
+    autocast: a context factory opened around each forward (`Run.autocast`: bf16 compute of fp32
+    weights in one process), never around an optimizer step. on_device(reference): the context
+    the reference scores in (`Run.on_device`: a parked reference visits the GPU for scoring only).
     Returns metrics (reward, advantage, length, timing, loss, KL, clip fractions, grad norm).
     """
     started = time.perf_counter()
     advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
     experience, stats = score_rollout(policy, reference, prompts=prompts, sampled=sampled,
-                                      advantages=advantages, tokens=tokens, cfg=cfg)
-    metrics = grpo_update(policy, optimizer, experience, tokens=tokens, cfg=cfg)
+                                      advantages=advantages, tokens=tokens, cfg=cfg,
+                                      autocast=autocast, on_device=on_device)
+    metrics = grpo_update(policy, optimizer, experience, tokens=tokens, cfg=cfg,
+                          autocast=autocast)
     metrics.update(stats)
     rows = zip(rewards.float().tolist(), advantages.tolist(),
                sampled.completion_mask.sum(-1).float().tolist())

@@ -10,6 +10,7 @@ and for reward-time and labeling-time answers.)
 import re
 from dataclasses import dataclass
 
+from answers import answer_number
 from sampler import Prompt
 
 QUESTION_TYPES = ("multiple choice", "numerical", "regression")
@@ -67,7 +68,6 @@ class GeneratedQuestion:
 _TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL)
         for name in ("type", "question", "answer")}
 _OPTION_MARK = re.compile(r"(?:^|(?<=\s))\(?([A-H])[.):]\s+")
-_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$|^[-+]?\d+/\d+$", re.IGNORECASE)
 
 
 def parse_choices(question):
@@ -93,8 +93,10 @@ def parse_question(text):
     """Parse `<type>T</type><question>Q</question><answer>A</answer>`; None when it is invalid.
 
     Invalid: a tag missing or empty, a type outside QUESTION_TYPES, or a numerical / regression
-    question whose own answer is not a number. (The released code passed such outputs on to
-    labeling, where an empty type shifted the alignment of results.)
+    question whose own answer is not a number by the rules that grade answers
+    (`answers.answer_number`: "3 cars", "45%" and "\\frac{1}{2}" are numbers). (The released
+    code passed such outputs on to labeling, where an empty type shifted the alignment of
+    results.)
     """
     fields = {}
     for name, pattern in _TAG.items():
@@ -105,7 +107,7 @@ def parse_question(text):
     kind = fields["type"].lower().replace("-", " ").replace("_", " ")
     if kind not in QUESTION_TYPES:
         return None
-    if kind != "multiple choice" and not _NUMBER.match(fields["answer"].replace(",", "")):
+    if kind != "multiple choice" and answer_number(fields["answer"]) is None:
         return None
     return GeneratedQuestion(kind, fields["question"], fields["answer"],
                              parse_choices(fields["question"]))

@@ -4,8 +4,10 @@ bookkeeping and part files. `visplay.py` holds the algorithm; this module what i
 - `Run`: the resolved config, the run directory, the device, the image pool and the benchmarks.
   Every path the config names is checked first (`check_sources`), before any expensive work
   (building the embedded default's world, loading a model).
-- `Run.load_model` / `Run.export`: a checkpoint folder in, sharded over ranks under torchrun
-  (FSDP2); a `save_pretrained` folder out, written by rank 0, atomically.
+- `Run.load_model` / `Run.export` / `Run.autocast`: a checkpoint folder in (a policy in fp32
+  master weights, a frozen model in model.dtype), sharded over ranks under torchrun (FSDP2); a
+  `save_pretrained` folder out in fp32, written by rank 0, atomically; bf16 compute for an fp32
+  policy in one process.
 - `Run.restart_metrics` / `Run.log_metrics`: metrics.jsonl, one row per GRPO step, the same after
   a resume as without one.
 - `Run.in_parts` / `Run.done_parts`: work split into chunks over ranks, each chunk's rows saved as
@@ -13,10 +15,13 @@ bookkeeping and part files. `visplay.py` holds the algorithm; this module what i
 - `seed_for`: the seed of every random choice, from the config's seed and where it is made.
 """
 
+import gc
 import json
 import os
 import shutil
+import uuid
 import zlib
+from contextlib import contextmanager
 
 import torch
 import yaml
@@ -25,14 +30,24 @@ import distributed
 from benchmark_files import load_benchmark
 from config import ConfigError, config_to_dict
 from data import ImagePool, atomic_path, list_images, read_jsonl, write_jsonl
-from distributed import is_sharded, shard_model
+from distributed import gathered, is_sharded, load_into_shards, shard_model
 from grpo import FORWARD_METHODS
+from sampler import Limits
 from vlm import check_model_dir, load_vlm, save_vlm
 
 
 def seed_for(seed, *parts):
     """A seed for one random choice of the run, from the config's seed and where it is made."""
     return zlib.crc32("/".join(map(str, (seed,) + parts)).encode())
+
+
+def free_memory():
+    """Free what a finished stage left: its models sit in reference cycles (FSDP2's hooks, the
+    forward methods bound to a sharded model) that reference counting never frees, and the CUDA
+    caching allocator keeps freed blocks for itself until asked to return them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_sources(cfg):
@@ -73,7 +88,7 @@ class Run:
         self.cfg = cfg
         self.dir = cfg.run_dir
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        self.device = distributed.init("cuda" if want_cuda else "cpu")
+        self.device = distributed.init("cuda" if want_cuda else "cpu", cfg.timeout_minutes)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         for role in ("questioner", "reasoner"):
             stage = getattr(cfg, role)
@@ -82,6 +97,10 @@ class Run:
                     f"{role}.prompts_per_step ({stage.prompts_per_step}) must be a multiple of "
                     f"updates_per_step x processes ({stage.updates_per_step} x "
                     f"{distributed.world_size()}): every rank takes an equal share of every update")
+        if cfg.model.cpu_offload and not distributed.active():
+            raise ConfigError("model.cpu_offload: works under torchrun only (FSDP2 offloads the "
+                              "sharded weights); in one process turn on "
+                              "model.activation_checkpointing or lower micro_batch_size instead")
         image_paths, self.benchmarks = check_sources(cfg)
         if distributed.is_main():
             os.makedirs(self.dir, exist_ok=True)
@@ -97,7 +116,7 @@ class Run:
             image_paths = image_paths[:cfg.data.max_images]
         self.pool = ImagePool(image_paths, cfg.model.min_pixels, cfg.model.max_pixels)
         self.metrics_path = self.path("metrics.jsonl")
-        distributed.barrier()  # rank 0 has made the run directory
+        self._check_shared()
 
     def _embedded_world(self):
         """The toy world's base, pool and benchmark (`toyworld.build_embedded`), built by rank 0
@@ -110,6 +129,29 @@ class Run:
         if not distributed.is_main():
             world = toyworld.build_embedded(self.path("embedded"), self.cfg.seed)
         return world
+
+    def _check_shared(self):
+        """Every rank must see the same run directory (several nodes: a shared filesystem): rank 0
+        writes a fresh token there and every rank reads it back."""
+        token = uuid.uuid4().hex if distributed.is_main() else None
+        probe = self.path(".shared_check")
+        if distributed.is_main():
+            with open(probe, "w") as f:
+                f.write(token)
+        token = distributed.all_gather_list([token] if distributed.is_main() else [])[0]
+        try:
+            with open(probe) as f:
+                seen = f.read() == token
+        except FileNotFoundError:
+            seen = False
+        blind = distributed.all_reduce_sum(0.0 if seen else 1.0)
+        distributed.barrier()
+        if distributed.is_main():
+            os.remove(probe)
+        if blind:
+            raise ConfigError(f"run_dir: {self.dir!r} is not shared by every process ({blind:.0f} "
+                              "cannot see what rank 0 writes there); a run over several nodes "
+                              "needs a run_dir on a filesystem every node mounts")
 
     def path(self, *names):
         return os.path.join(self.dir, *names)
@@ -133,6 +175,11 @@ class Run:
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 yaml.safe_dump(current, f, sort_keys=False)
 
+    def limits(self, max_prompts):
+        """The sampling `Limits` of a stage: at most `max_prompts` prompts per batch, and the
+        config's memory bounds (model.kv_cache_gib, model.prefill_tokens)."""
+        return Limits(max_prompts, self.cfg.model.kv_cache_gib, self.cfg.model.prefill_tokens)
+
     def generator(self, *parts):
         """A torch generator for one random choice; each rank draws its own stream."""
         seed = seed_for(self.cfg.seed, *parts, distributed.rank())
@@ -140,17 +187,24 @@ class Run:
 
     # ------------------------------------------------------------------ models
 
-    def load_model(self, path, trainable):
+    def load_model(self, path, trainable, park=False):
         """A model and its processor from a folder; sharded with FSDP2 when several processes run.
 
-        Single process: weights in model.dtype. Sharded: fp32 master weights, computed in bf16 when
-        model.dtype is bfloat16 (mixed precision). Every rank reads the folder (CPU memory: one
-        copy of the weights per process while loading).
+        Trainable (a stage's policy): fp32 master weights whatever model.dtype says, so that an
+        AdamW update of lr 1e-6 is not rounded away (half a bf16 ulp of a 0.02 weight is 6e-5).
+        With model.dtype bfloat16 it computes in bf16: by FSDP2's mixed precision under torchrun,
+        under `Run.autocast` in one process. Frozen (the reference, the other role, generation,
+        labeling, evaluation): weights in model.dtype. Sharded, only rank 0 reads the weights
+        (into CPU memory) and broadcasts them into the other ranks' shards.
+        park: a frozen model of one process waits in CPU memory and comes to the GPU only inside
+        `Run.in_use` / `Run.on_device` (the reference and the questioner stage's frozen reasoner,
+        7 GiB each for a 3B model, are off the GPU while the policy updates).
         """
         settings = self.cfg.model
         sharded = distributed.active()
-        model, processor = load_vlm(path, dtype=torch.float32 if sharded else self.dtype,
-                                    device="cpu" if sharded else self.device,
+        dtype = torch.float32 if trainable else self.dtype
+        device = "meta" if sharded else "cpu" if park and not trainable else self.device
+        model, processor = load_vlm(path, dtype=dtype, device=device,
                                     attn_implementation=settings.attn_implementation)
         processor.image_processor.size = {"shortest_edge": settings.min_pixels,
                                           "longest_edge": settings.max_pixels}
@@ -158,24 +212,63 @@ class Run:
         for name, param in model.named_parameters():
             frozen = settings.freeze_vision and ".visual." in f".{name}"
             param.requires_grad_(trainable and not frozen)
+        if trainable and settings.activation_checkpointing:  # recomputed in backward, per block
+            model.activation_checkpointing_enable({"use_reentrant": False})
         if sharded:
-            model.to(self.device)
-            shard_model(model, mixed_precision=self.dtype == torch.bfloat16,
-                        cpu_offload=settings.cpu_offload,
-                        activation_checkpointing=trainable and settings.activation_checkpointing,
-                        forward_methods=FORWARD_METHODS)
+            shard_model(model, mixed_precision=trainable and self.dtype == torch.bfloat16,
+                        cpu_offload=settings.cpu_offload, forward_methods=FORWARD_METHODS)
+            full = load_vlm(path, dtype=dtype)[0] if distributed.is_main() else None
+            load_into_shards(model, full, self.device)
         return model, processor
 
+    @contextmanager
+    def in_use(self, model):
+        """A frozen model ready to sample with: sharded, its whole weights gathered on every rank
+        (`distributed.gathered`); parked (`load_model(park=True)`), on the GPU until the end."""
+        if is_sharded(model):
+            with gathered(model):
+                yield model
+            return
+        with self.on_device(model):
+            yield model
+
+    @contextmanager
+    def on_device(self, model):
+        """A parked model (`load_model(park=True)`) on the GPU until the end, then back in CPU
+        memory; any other model as it is."""
+        parked = not is_sharded(model) and next(model.parameters()).device != self.device
+        if parked:
+            model.to(self.device)
+        try:
+            yield model
+        finally:
+            if parked:
+                model.to("cpu")
+                free_memory()
+
+    def autocast(self):
+        """bf16 compute for the fp32 policy in one process when model.dtype is bfloat16 (under
+        torchrun FSDP2's mixed precision does it, and this is off). Matmuls run in bf16 and
+        gradients land in fp32. The weights' bf16 casts are kept until the context exits, so
+        one context must never span an optimizer step (`grpo.train_step` opens one per forward).
+        """
+        enabled = self.dtype == torch.bfloat16 and not distributed.active()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
     def export(self, model, processor, path):
-        """`save_pretrained` folder of a (possibly sharded) model, in model.dtype, by rank 0."""
+        """`save_pretrained` folder of a trained (possibly sharded) policy, by rank 0.
+
+        In fp32, the master weights: the next stage starts from this folder, and a bf16 export
+        would round most of a stage's updates at lr 1e-6 (about 2e-5 per weight over 20 steps)
+        to noise. config.json says float32; load it with dtype=bfloat16 to serve it in bf16.
+        """
         state = None
         if is_sharded(model):
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  get_model_state_dict)
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = get_model_state_dict(model, options=options)
-            state = {name: tensor.to(self.dtype) for name, tensor in full.items()}
+            state = get_model_state_dict(model, options=options)
         if distributed.is_main():
             save_vlm(model, processor, path, state_dict=state)
         distributed.barrier()
@@ -207,15 +300,22 @@ class Run:
         """
         folder = out_path + ".parts"
         os.makedirs(folder, exist_ok=True)
-        for chunk in range(distributed.rank(), chunks, distributed.world_size()):
-            part = os.path.join(folder, f"{chunk:06d}.jsonl")
-            if not os.path.exists(part):
-                write_jsonl(part, work(chunk))
+
+        def part(chunk):
+            return os.path.join(folder, f"{chunk:06d}.jsonl")
+
+        # Only the missing chunks are split over ranks (after a resume, a rank whose share was
+        # done would otherwise wait at the barrier for the others' whole share). Rank 0 lists
+        # them, so every rank splits the same list.
+        missing = [c for c in range(chunks) if not os.path.exists(part(c))] \
+            if distributed.is_main() else []
+        missing = distributed.all_gather_list(missing)
+        for chunk in missing[distributed.rank()::distributed.world_size()]:
+            write_jsonl(part(chunk), work(chunk))
         distributed.barrier()
         if not distributed.is_main():
             return None
-        return [row for chunk in range(chunks)
-                for row in read_jsonl(os.path.join(folder, f"{chunk:06d}.jsonl"))]
+        return [row for chunk in range(chunks) for row in read_jsonl(part(chunk))]
 
     def done_parts(self, out_path):
         if distributed.is_main():

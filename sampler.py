@@ -8,7 +8,8 @@ prompt, and the prompt (image included) is the expensive part:
 2. `next_token`: one token per row: temperature, top-k, top-p; vision placeholder tokens banned.
 3. `sample`: prefill each prompt ONCE (vision tower + prompt), copy its KV cache to its G rows, and
    decode all rows together; a row that ends leaves the batch.
-4. `rollout`: `sample` over a long prompt list, a batch of prompts at a time.
+4. `rollout`: `sample` over a long prompt list, in batches that `plan_batches` sizes by memory
+   (`Limits`: prompts per batch, GiB of KV cache, prompt tokens per prefill forward).
 5. `decode`: completion token ids back to text.
 
 Conventions: N rows = prompts x G, grouped (prompt 0's G rows first); T = completion length.
@@ -52,6 +53,14 @@ class Rollout:
 
 
 @dataclass
+class Limits:
+    """How much one sampling batch may hold (per process)."""
+    max_prompts: int = 64               # prompts sampled together
+    kv_cache_gib: float | None = None   # KV cache of the batch at full length; None: no bound
+    prefill_tokens: int | None = None   # padded prompt tokens per prefill forward; None: no bound
+
+
+@dataclass
 class Sampling:
     temperature: float = 1.0      # 0: greedy
     top_p: float = 1.0
@@ -79,15 +88,16 @@ def _device(model):
     return next(model.buffers(), next(model.parameters())).device
 
 
-def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None):
+def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None, width=None):
     """Batch prompts left-padded (so every prompt ends at the same column), completions after them.
+    `width`: pad the prompts to at least this many columns (one prefill chunk of a wider batch).
 
     Returns model inputs: input_ids / attention_mask [n, P + T], position_ids [3, n, P + T] (Qwen's
     multimodal rope: image tokens get (t, h, w) positions, text continues after the largest),
     pixel_values [sum of patches, D], image_grid_thw [total images, 3].
     """
     device = _device(model)
-    width = max(len(p.input_ids) for p in prompts)
+    width = max([len(p.input_ids) for p in prompts] + [width or 0])
     input_ids = torch.full((len(prompts), width), tokens.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -135,25 +145,76 @@ def next_token(logits, sampling, banned_ids, generator):
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
+def kv_bytes_per_token(config, dtype):
+    """Bytes of KV cache one token takes: keys and values of every layer's KV heads."""
+    text = getattr(config, "text_config", config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return (2 * text.num_hidden_layers * text.num_key_value_heads * head_dim
+            * torch.finfo(dtype).bits // 8)
+
+
+def plan_batches(lengths, *, group_size, max_new_tokens, kv_bytes, limits):
+    """Prompt indices of each sampling batch, longest prompts first, each batch as large as
+    `limits` allow.
+
+    Prompts are left-padded to the batch's longest, so a batch of n prompts holds at most
+    n x G x (longest + max_new_tokens) x kv_bytes of KV cache; sorting by length keeps the padding
+    small. A prompt whose G rows alone exceed the budget is sampled alone (a group is never split).
+    """
+    budget = None if limits.kv_cache_gib is None else limits.kv_cache_gib * 2**30
+    batches = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches:
+            batch = batches[-1]
+            rows = (len(batch) + 1) * group_size
+            width = lengths[batch[0]] + max_new_tokens  # the batch's first prompt is its longest
+            if len(batch) < limits.max_prompts and (budget is None
+                                                    or rows * width * kv_bytes <= budget):
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def _prefill(model, prompts, tokens, prefill_tokens):
+    """Forward the prompts (vision tower included) into a KV cache, at most `prefill_tokens`
+    padded tokens per forward. Returns (cache, last logits [n, V], attention_mask, position_ids)."""
+    width = max(len(p.input_ids) for p in prompts)
+    rows = len(prompts) if prefill_tokens is None else max(1, prefill_tokens // width)
+    caches, logits, masks, positions = [], [], [], []
+    for start in range(0, len(prompts), rows):
+        batch = collate(model, prompts[start:start + rows], tokens, width=width)
+        out = model(**batch, use_cache=True, logits_to_keep=1)
+        caches.append(out.past_key_values)
+        logits.append(out.logits[:, -1])
+        masks.append(batch["attention_mask"])
+        positions.append(batch["position_ids"])
+    cache = caches[0]
+    if len(caches) > 1:  # one cache for the whole batch: every layer's rows, chunk after chunk
+        for index, layer in enumerate(cache.layers):
+            layer.keys = torch.cat([c.layers[index].keys for c in caches])
+            layer.values = torch.cat([c.layers[index].values for c in caches])
+    return cache, torch.cat(logits), torch.cat(masks), torch.cat(positions, dim=1)
+
+
 @torch.no_grad()
-def sample(model, prompts, *, group_size, sampling, tokens, generator=None):
+def sample(model, prompts, *, group_size, sampling, tokens, generator=None, prefill_tokens=None):
     """Sample `group_size` completions for each prompt with a shared-prefix KV cache.
 
-    Steps: (1) prefill all prompts once, vision tower included; (2) repeat each prompt's cache and
-    last logits G times; (3) decode all rows together, one token per step, positions continuing the
-    prompt's multimodal rope; (4) a row that emits EOS is finished and leaves the batch (its cache
-    rows are dropped), so the step cost follows the rows still running.
+    Steps: (1) prefill all prompts once, vision tower included (`prefill_tokens` padded tokens per
+    forward at most); (2) repeat each prompt's cache and last logits G times; (3) decode all rows
+    together, one token per step, positions continuing the prompt's multimodal rope; (4) a row that
+    emits EOS is finished and leaves the batch (its cache rows are dropped), so the step cost
+    follows the rows still running.
     Returns a `Rollout` with N = len(prompts) * group_size rows.
     """
     device = _device(model)
-    batch = collate(model, prompts, tokens)
-    out = model(**batch, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache, logits, attention_mask, position_ids = _prefill(model, prompts, tokens, prefill_tokens)
     cache.batch_repeat_interleave(group_size)
-    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
-    attention_mask = batch["attention_mask"].repeat_interleave(group_size, dim=0)
+    logits = logits.repeat_interleave(group_size, dim=0)
+    attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
     # First generated position of each row: one past the largest rope position of its prompt.
-    next_position = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(group_size) + 1
+    next_position = position_ids.amax(dim=(0, 2)).repeat_interleave(group_size) + 1
 
     n_rows = len(prompts) * group_size
     width = sampling.max_new_tokens
@@ -186,27 +247,45 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None):
     return Rollout(prompt_index, completion[:, :length], mask[:, :length], logprobs[:, :length])
 
 
-def concat_rollouts(parts, pad_id, prompt_offsets):
-    """Join rollouts of consecutive prompt batches; `prompt_offsets[i]` is part i's first prompt."""
+def concat_rollouts(parts, pad_id, batches):
+    """Join the rollouts of prompt batches (`batches[i]`: the prompt indices of part i), rows in
+    prompt order (prompt 0's G rows first), padded to the widest part."""
     width = max(part.completion_ids.shape[1] for part in parts)
 
     def pad(x, value):
         return F.pad(x, (0, width - x.shape[1]), value=value)
 
+    prompt_index = torch.cat([torch.tensor(batch, device=part.prompt_index.device)
+                              [part.prompt_index] for part, batch in zip(parts, batches)])
+    order = torch.argsort(prompt_index, stable=True)
     return Rollout(
-        prompt_index=torch.cat([part.prompt_index + offset
-                                for part, offset in zip(parts, prompt_offsets)]),
-        completion_ids=torch.cat([pad(part.completion_ids, pad_id) for part in parts]),
-        completion_mask=torch.cat([pad(part.completion_mask, 0.0) for part in parts]),
-        logprobs=torch.cat([pad(part.logprobs, 0.0) for part in parts]))
+        prompt_index=prompt_index[order],
+        completion_ids=torch.cat([pad(part.completion_ids, pad_id) for part in parts])[order],
+        completion_mask=torch.cat([pad(part.completion_mask, 0.0) for part in parts])[order],
+        logprobs=torch.cat([pad(part.logprobs, 0.0) for part in parts])[order])
 
 
-def rollout(model, prompts, *, group_size, sampling, tokens, batch_size, generator=None):
-    """`sample` over a long prompt list, `batch_size` prompts prefilled at a time."""
-    starts = list(range(0, len(prompts), batch_size))
-    parts = [sample(model, prompts[start:start + batch_size], group_size=group_size,
-                    sampling=sampling, tokens=tokens, generator=generator) for start in starts]
-    return concat_rollouts(parts, tokens.pad_id, starts)
+def _compute_dtype(model):
+    """The dtype activations (and so the KV cache) have: autocast's, else the weights'. (A policy
+    sharded with bf16 mixed precision reports its fp32 master weights: its KV cache is planned
+    at twice its size, on the safe side.)"""
+    device = _device(model)
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+def rollout(model, prompts, *, group_size, sampling, tokens, limits, generator=None):
+    """`sample` over a long prompt list, in batches `plan_batches` sizes by `limits`; rows come
+    back in prompt order."""
+    kv_bytes = kv_bytes_per_token(model.config, _compute_dtype(model))
+    batches = plan_batches([len(p.input_ids) for p in prompts], group_size=group_size,
+                           max_new_tokens=sampling.max_new_tokens, kv_bytes=kv_bytes,
+                           limits=limits)
+    parts = [sample(model, [prompts[i] for i in batch], group_size=group_size, sampling=sampling,
+                    tokens=tokens, generator=generator, prefill_tokens=limits.prefill_tokens)
+             for batch in batches]
+    return concat_rollouts(parts, tokens.pad_id, batches)
 
 
 def decode(processor, completion_ids, completion_mask):

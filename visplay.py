@@ -28,6 +28,7 @@ Deviations from the released code (the README gives the same list, with reasons)
 - Resume inside a stage: from its last checkpoint or part file; a stage is done only when its
   result was written completely.
 - Uncertainty scale as a knob: 1 (the paper's 1 - 2|p - 1/2|) or 0.5 (the released code's).
+- One answer budget: the answers that score a question are sampled as labeling's are.
 
 Every stage writes its result atomically into the run directory; rerunning the same command skips
 the stages whose result exists and resumes an interrupted one (README, "Run directory").
@@ -57,7 +58,7 @@ from eval import evaluate, summarize
 from grpo import make_optimizer, train_step
 from rewards import diversity_penalty, questioner_reward, reasoner_reward
 from roles import parse_question, questioner_prompt, reasoner_prompt
-from run import Run, seed_for
+from run import Run, free_memory, seed_for
 from sampler import Rollout, Sampling, decode, rollout, special_tokens
 from summary import format_summary, iteration_summary
 
@@ -84,7 +85,7 @@ class Vote:
 
 
 def answer_votes(reasoner, processor, *, images, questions, choices, samples, sampling,
-                 batch_size, generator):
+                 limits, generator):
     """The reasoner answers each (image, question) `samples` times; majority vote over the boxed
     answers (`answers.majority_vote`).
 
@@ -97,7 +98,7 @@ def answer_votes(reasoner, processor, *, images, questions, choices, samples, sa
     prompts = [reasoner_prompt(processor, image, question)
                for image, question in zip(images, questions)]
     sampled = rollout(reasoner, prompts, group_size=samples, sampling=sampling, tokens=tokens,
-                      batch_size=batch_size, generator=generator)
+                      limits=limits, generator=generator)
     texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
     answers = [extract_boxed(text) for text in texts]
     votes = []
@@ -143,7 +144,7 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
                         settings.max_new_tokens)
     with gathered(policy):
         sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
-                          tokens=tokens, batch_size=settings.rollout_batch_size,
+                          tokens=tokens, limits=run.limits(settings.rollout_batch_size),
                           generator=run.generator(iteration, "questioner", step))
     texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
     questions = [parse_question(text) for text in texts]
@@ -152,14 +153,14 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
     started = time.perf_counter()
     valid = [i for i, question in enumerate(questions) if question is not None]
     prompt_of = sampled.prompt_index.tolist()
-    answer_sampling = Sampling(settings.answer_temperature, settings.answer_top_p, 0,
-                               settings.answer_max_new_tokens)
-    with gathered(reasoner):
+    labeling = run.cfg.labeling  # the votes that score a question are sampled as labeling's
+    answer_sampling = Sampling(labeling.temperature, labeling.top_p, 0, labeling.max_new_tokens)
+    with run.in_use(reasoner):
         votes = answer_votes(reasoner, processor, images=[images[prompt_of[i]] for i in valid],
                              questions=[questions[i].question for i in valid],
                              choices=[questions[i].choices for i in valid],
                              samples=settings.answer_samples, sampling=answer_sampling,
-                             batch_size=settings.rollout_batch_size,
+                             limits=run.limits(settings.rollout_batch_size),
                              generator=run.generator(iteration, "questioner-answers", step))
     confidence = {i: vote.confidence for i, vote in zip(valid, votes)}
     penalty = step_diversity_penalty([question.question if question else ""
@@ -170,10 +171,13 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
                           diversity_weight=settings.diversity_weight,
                           invalid_reward=settings.invalid_reward)
         for i, question in enumerate(questions)])
-    valid_count, count, confidence_sum, penalty_sum = distributed.all_reduce_sum(
-        [len(valid), len(questions), sum(confidence.values()), float(penalty.sum())])
+    unboxed = sum(answer is None for vote in votes for answer in vote.answers)
+    valid_count, count, confidence_sum, penalty_sum, unboxed = distributed.all_reduce_sum(
+        [len(valid), len(questions), sum(confidence.values()), float(penalty.sum()), unboxed])
     metrics = {"invalid_rate": 1 - valid_count / count,
                "confidence_mean": confidence_sum / max(valid_count, 1),
+               # answers cut off by the token budget have no box: their share, to watch the budget
+               "unboxed_rate": unboxed / max(valid_count * settings.answer_samples, 1),
                "diversity_penalty_mean": penalty_sum / count,
                "seconds_sampling": seconds_sampling,
                "seconds_scoring": time.perf_counter() - started}
@@ -195,7 +199,7 @@ def reasoner_batch(run, iteration, *, kept, order, policy, processor, tokens, st
                         settings.max_new_tokens)
     with gathered(policy):
         sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
-                          tokens=tokens, batch_size=settings.rollout_batch_size,
+                          tokens=tokens, limits=run.limits(settings.rollout_batch_size),
                           generator=run.generator(iteration, "reasoner", step))
     texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
     seconds_sampling = time.perf_counter() - started
@@ -224,8 +228,8 @@ def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
     policy, processor = run.load_model(start_path, trainable=True)
     # The KL term's anchor: the stage's starting weights, frozen.
     reference = None
-    if settings.kl_coef > 0:
-        reference, _ = run.load_model(start_path, trainable=False)
+    if settings.kl_coef > 0:  # on the GPU only while it scores (park)
+        reference, _ = run.load_model(start_path, trainable=False, park=True)
     optimizer = make_optimizer(policy, settings)
     tokens = special_tokens(processor, policy)
     folder = run.path("checkpoints", os.path.basename(out_path))
@@ -237,10 +241,13 @@ def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
         log.info("[iter %d %s] resumed from %s", iteration, role, path)
     run.restart_metrics(iteration, role, from_step=start)
     for step in range(start, settings.steps):
-        batch = make_batch(policy=policy, processor=processor, tokens=tokens, step=step)
+        with run.autocast():  # bf16 compute of the fp32 policy: weights cast once per rollout
+            batch = make_batch(policy=policy, processor=processor, tokens=tokens, step=step)
+        if run.device.type == "cuda":  # the rollout's KV cache blocks, back for training's shapes
+            torch.cuda.empty_cache()
         metrics = train_step(policy, reference, optimizer, prompts=batch.prompts,
                              sampled=batch.sampled, rewards=batch.rewards, tokens=tokens,
-                             cfg=settings)
+                             cfg=settings, autocast=run.autocast, on_device=run.on_device)
         metrics.update(batch.metrics, iteration=iteration, stage=role, step=step)
         run.log_metrics(metrics)
         log.info("[iter %d %s %d/%d] reward %.3f±%.3f  kl %.4f  entropy %.2f  len %.1f  grad %.3f"
@@ -258,7 +265,7 @@ def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
 
 def train_questioner(run, iteration, *, questioner_path, reasoner_path, out_path):
     """Step 1: GRPO on the questioner against the frozen reasoner of the previous iteration."""
-    reasoner, _ = run.load_model(reasoner_path, trainable=False)
+    reasoner, _ = run.load_model(reasoner_path, trainable=False, park=True)
     train_stage(run, "questioner", iteration, start_path=questioner_path, out_path=out_path,
                 make_batch=partial(questioner_batch, run, iteration, reasoner=reasoner))
 
@@ -301,7 +308,8 @@ def generate_questions(run, iteration, *, questioner_path, out_path):
             return []
         prompts = [questioner_prompt(processor, image) for _, image in loaded if image is not None]
         sampled = rollout(model, prompts, group_size=settings.questions_per_image,
-                          sampling=sampling, tokens=tokens, batch_size=settings.batch_size,
+                          sampling=sampling, tokens=tokens,
+                          limits=run.limits(settings.batch_size),
                           generator=run.generator(iteration, "generate", chunk))
         rows = []
         texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
@@ -353,7 +361,7 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
                              questions=[r["question"] for r in readable],
                              choices=[r["choices"] for r in readable],
                              samples=settings.answers_per_question, sampling=sampling,
-                             batch_size=settings.batch_size,
+                             limits=run.limits(settings.batch_size),
                              generator=run.generator(iteration, "label", chunk))
         return [{**r, "answers": vote.answers, "silver_answer": vote.silver_answer,
                  "confidence": vote.confidence} for r, vote in zip(readable, votes)]
@@ -382,6 +390,8 @@ def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
                             max_pixels=model_settings.max_pixels,
                             max_new_tokens=settings.max_new_tokens,
                             batch_size=settings.batch_size, samples=settings.samples,
+                            kv_cache_gib=model_settings.kv_cache_gib,
+                            prefill_tokens=model_settings.prefill_tokens,
                             seed=seed_for(run.cfg.seed, "eval", distributed.rank()),
                             progress=distributed.is_main())
         results = distributed.all_gather_list(mine)
@@ -408,6 +418,7 @@ def run_loop(cfg):
              run.base, run.device, distributed.world_size())
     if not os.path.exists(run.path("eval_v0.json")):
         evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
+        free_memory()
     summaries = [iteration_summary(run.dir, 0)]
     for i in range(1, cfg.iterations + 1):
         questioner_before = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
@@ -434,6 +445,7 @@ def run_loop(cfg):
                 log.info("[iter %d] %s exists: stage skipped", i, name)
                 continue
             stage(out)
+            free_memory()  # the stage's models, before the next stage loads its own
         summaries.append(iteration_summary(run.dir, i))
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)

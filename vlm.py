@@ -73,19 +73,29 @@ def check_model_dir(path):
 
 
 def load_vlm(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
-    """Load a Qwen2.5-VL or Qwen2-VL model and its processor from a local folder."""
+    """Load a Qwen2.5-VL or Qwen2-VL model and its processor from a local folder.
+
+    device="meta": the model's structure only, no weights read (`distributed.load_into_shards`
+    fills a sharded one from rank 0's copy).
+    """
     check_model_dir(path)
-    model_type = AutoConfig.from_pretrained(path).model_type
+    config = AutoConfig.from_pretrained(path)
     model_class = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-                   "qwen2_vl": Qwen2VLForConditionalGeneration}.get(model_type)
+                   "qwen2_vl": Qwen2VLForConditionalGeneration}.get(config.model_type)
     if model_class is None:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported; use a Qwen2.5-VL "
-                         "(qwen2_5_vl) or Qwen2-VL (qwen2_vl) checkpoint")
-    model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; use a "
+                         "Qwen2.5-VL (qwen2_5_vl) or Qwen2-VL (qwen2_vl) checkpoint")
+    if str(device) == "meta":
+        with torch.device("meta"):
+            model = model_class._from_config(config, dtype=dtype,
+                                             attn_implementation=attn_implementation)
+    else:
+        model = model_class.from_pretrained(path, dtype=dtype,
+                                            attn_implementation=attn_implementation).to(device)
     processor = ImageProcessor.from_pretrained(path)
     if processor.chat_template is None:
         processor.chat_template = processor.tokenizer.chat_template or CHAT_TEMPLATE
-    return model.to(device), processor
+    return model, processor
 
 
 def save_vlm(model, processor, path, state_dict=None):

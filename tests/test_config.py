@@ -180,15 +180,13 @@ def test_wrong_type(tmp_path, text, key):
     ("reasoner:\n  grad_clip: 0\n", "reasoner.grad_clip"),
     ("reasoner:\n  kl_coef: -0.1\n", "reasoner.kl_coef"),
     ("questioner:\n  eps_high: -0.3\n", "questioner.eps_high"),
-    ("questioner:\n  answer_top_p: 1.5\n", "questioner.answer_top_p"),
-    ("questioner:\n  answer_temperature: 0\n", "questioner.answer_temperature"),
+    ("labeling:\n  temperature: 0\n", "labeling.temperature"),
     ("generation:\n  temperature: 0\n", "generation.temperature"),
     ("generation:\n  top_p: 0\n", "generation.top_p"),
     ("generation:\n  questions_per_image: 0\n", "generation.questions_per_image"),
     ("labeling:\n  top_p: 2\n", "labeling.top_p"),
     # keys that were not checked at all
     ("reasoner:\n  weight_decay: -1\n", "reasoner.weight_decay"),
-    ("questioner:\n  answer_max_new_tokens: 0\n", "questioner.answer_max_new_tokens"),
     ("questioner:\n  diversity_weight: -1\n", "questioner.diversity_weight"),
     ("generation:\n  batch_size: 0\n", "generation.batch_size"),
     ("labeling:\n  max_new_tokens: 0\n", "labeling.max_new_tokens"),
@@ -319,3 +317,19 @@ def test_missing_file(tmp_path):
     path = str(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match=re.escape(path)):
         load_config(path)
+
+
+@pytest.mark.parametrize("key, replacement", [
+    ("answer_max_new_tokens", "labeling.max_new_tokens"),
+    ("answer_temperature", "labeling.temperature"),
+    ("answer_top_p", "labeling.top_p"),
+])
+def test_removed_key_names_its_replacement(tmp_path, key, replacement):
+    """The reward-time votes are sampled as labeling's: an old config that still sets its own
+    budget is told which key replaced it, not just that the key is unknown."""
+    path = tmp_path / "old.yaml"
+    path.write_text(f"questioner:\n  {key}: 512\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value).startswith(f"questioner.{key}: removed")
+    assert replacement in str(error.value)

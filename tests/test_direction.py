@@ -16,7 +16,7 @@ from data import load_image, read_jsonl, write_jsonl
 from rewards import reasoner_reward
 from roles import reasoner_prompt
 from run import Run
-from sampler import Sampling, decode, rollout, special_tokens
+from sampler import Limits, Sampling, decode, rollout, special_tokens
 from test_loop import tiny_overrides
 from vlm import load_vlm
 
@@ -65,7 +65,7 @@ def agreement(model_dir, kept, samples=48):
                for r in kept]
     tokens = special_tokens(processor, model)
     result = rollout(model, prompts, group_size=samples, sampling=Sampling(1.0, 1.0, 0, 12),
-                     tokens=tokens, batch_size=8, generator=torch.Generator().manual_seed(1))
+                     tokens=tokens, limits=Limits(8), generator=torch.Generator().manual_seed(1))
     texts = decode(processor, result.completion_ids, result.completion_mask)
     return sum(reasoner_reward(t, kept[p]["silver_answer"], None, accuracy_weight=0.9,
                                format_weight=0.1)

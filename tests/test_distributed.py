@@ -166,6 +166,142 @@ def test_diversity_penalty_across_two_ranks_equals_single_process(tmp_path):
         diversity_penalty(questions, 0.5).tolist())
 
 
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_worker(model_dir, image_dir, benchmark_file, folder):
+    """`Run.load_model` under torchrun: rank 1 never reads the weights (the model is built on the
+    meta device and filled from rank 0's broadcast)."""
+    from config import load_config
+    from run import Run
+
+    cfg = load_config(os.path.join(ROOT, "config.yaml"), [
+        f"run_dir={os.path.join(folder, 'run')}", f"model.path={model_dir}",
+        f"data.images={image_dir}", f"eval.benchmarks={{tiny: {benchmark_file}}}",
+        "device=cpu", "model.dtype=bfloat16", "questioner.prompts_per_step=4",
+        "reasoner.prompts_per_step=4"])
+    run = Run(cfg)
+    policy, processor = run.load_model(model_dir, trainable=True)
+    frozen, _ = run.load_model(model_dir, trainable=False)
+    prompts = _prompts(processor)[:2]
+    sampled = torch.load(os.path.join(folder, "batch.pt"))
+    from grpo import completion_logprobs
+
+    with torch.no_grad():
+        logprobs, _ = completion_logprobs(policy, [prompts[i] for i in sampled["prompt_index"]],
+                                          sampled["completion_ids"], sampled["completion_mask"],
+                                          tokens=special_tokens(processor, policy))
+    result = {"state": _full_state(policy), "logprobs": logprobs,
+              "buffers": {n: b.clone() for n, b in policy.named_buffers()},
+              "policy_dtypes": {p.dtype for p in policy.parameters()},
+              "trainable": all(p.requires_grad for p in policy.parameters()),
+              "frozen_dtypes": {p.dtype for p in frozen.parameters()},
+              "frozen_trainable": any(p.requires_grad for p in frozen.parameters())}
+    torch.save(result, os.path.join(folder, f"load_rank{distributed.rank()}.pt"))
+
+
+def _release_worker(model_dir, image_dir, benchmark_file, folder):
+    """A sharded model sits in reference cycles (FSDP2's hooks, the bound forward methods): once
+    dropped it stays alive until a collection, which `run.free_memory` runs."""
+    import gc
+    import weakref
+
+    from config import load_config
+    from run import Run, free_memory
+
+    run = Run(load_config(os.path.join(ROOT, "config.yaml"), [
+        f"run_dir={os.path.join(folder, 'run')}", f"model.path={model_dir}",
+        f"data.images={image_dir}", f"eval.benchmarks={{tiny: {benchmark_file}}}",
+        "device=cpu", "questioner.prompts_per_step=4", "reasoner.prompts_per_step=4"]))
+    gc.disable()
+    try:
+        policy, _ = run.load_model(model_dir, trainable=True)
+        frozen, _ = run.load_model(model_dir, trainable=False)
+        refs = [weakref.ref(policy), weakref.ref(frozen)]
+        del policy, frozen
+        alive_after_del = sum(ref() is not None for ref in refs)
+        free_memory()
+        alive_after_free = sum(ref() is not None for ref in refs)
+    finally:
+        gc.enable()
+    torch.save([alive_after_del, alive_after_free],
+               os.path.join(folder, f"release_rank{distributed.rank()}.pt"))
+
+
+def test_sharded_models_are_freed_by_free_memory(tiny_model_dir, image_dir, benchmark_file,
+                                                 tmp_path):
+    spawn_two(_release_worker, tiny_model_dir, image_dir, benchmark_file, str(tmp_path))
+    for rank in (0, 1):
+        # both models survive `del` (so the collection is needed), and none survives it
+        assert torch.load(tmp_path / f"release_rank{rank}.pt") == [2, 0]
+
+
+def test_sharded_load_reads_weights_once_and_equals_a_full_load(tiny_model_dir, image_dir,
+                                                               benchmark_file, tmp_path):
+    """The sharded policy (fp32 master weights, bf16 compute) and the frozen model (bf16) hold
+    exactly the checkpoint's weights and buffers, and the policy computes the same log-probs
+    (in bf16) as a single-process fp32 model does to bf16 precision."""
+    model, processor = load_vlm(tiny_model_dir)
+    tokens = special_tokens(processor, model)
+    prompts = _prompts(processor)[:2]
+    sampled = sample(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6),
+                     tokens=tokens, generator=torch.Generator().manual_seed(3))
+    torch.save({"prompt_index": sampled.prompt_index.tolist(),
+                "completion_ids": sampled.completion_ids,
+                "completion_mask": sampled.completion_mask}, tmp_path / "batch.pt")
+    spawn_two(_load_worker, tiny_model_dir, image_dir, benchmark_file, str(tmp_path))
+    expected = model.state_dict()
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"load_rank{rank}.pt", weights_only=False)
+        if rank == 0:  # the full state is gathered to rank 0 only
+            assert result["state"].keys() == expected.keys()
+            for name, value in expected.items():
+                assert torch.equal(result["state"][name], value), name
+        for name, value in model.named_buffers():
+            assert torch.equal(result["buffers"][name], value), name
+        assert result["policy_dtypes"] == {torch.float32} and result["trainable"]
+        assert result["frozen_dtypes"] == {torch.bfloat16} and not result["frozen_trainable"]
+        mask = sampled.completion_mask.bool()
+        assert torch.allclose(result["logprobs"][mask], sampled.logprobs[mask], atol=0.1)
+
+
+# ----------------------------------------------------------------------------- frozen models
+
+
+def _record_length(model):
+    return len(model._get_fsdp_state()._comm_ctx.post_forward_order)
+
+
+def _frozen_worker(model_dir, folder):
+    """Five no-grad forwards of a sharded model, frozen and trainable: FSDP2's record of forwards
+    (cleared only by a backward) stays bounded for the frozen one, and grows on the other (which
+    shows what the frozen model is spared)."""
+    _, processor = load_vlm(model_dir)
+    prompts = _prompts(processor)
+    lengths = {}
+    for frozen in (True, False):
+        model, _ = load_vlm(model_dir)
+        for p in model.parameters():
+            p.requires_grad_(not frozen)
+        shard_model(model, mixed_precision=False, forward_methods=FORWARD_METHODS)
+        tokens = special_tokens(processor, model)
+        with torch.no_grad():
+            for _ in range(5):
+                sample(model, prompts[:1], group_size=1, sampling=Sampling(0.0, 1.0, 0, 1),
+                       tokens=tokens)
+        lengths[frozen] = _record_length(model)
+    units = sum(hasattr(m, "unshard") for m in model.modules())
+    if distributed.is_main():
+        torch.save({"lengths": lengths, "units": units}, os.path.join(folder, "frozen.pt"))
+
+
+def test_frozen_sharded_model_does_not_grow_fsdp_bookkeeping(tiny_model_dir, tmp_path):
+    spawn_two(_frozen_worker, tiny_model_dir, str(tmp_path))
+    result = torch.load(tmp_path / "frozen.pt")
+    assert result["lengths"][True] <= result["units"]           # the last forward's record only
+    assert result["lengths"][False] == 5 * result["units"]      # one entry per unit per forward
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -287,3 +423,63 @@ def test_generation_resumes_at_the_first_missing_part(tmp_path, monkeypatch, for
     rows = run.in_parts(out, 5, work)
     assert calls == [0, 1, 2, 3, 3, 4]
     assert rows == [{"chunk": c, "row": r} for c in range(5) for r in range(2)]
+
+
+def _parts_worker(model_dir, image_dir, benchmark_file, folder):
+    from config import load_config
+    from run import Run
+
+    run = Run(load_config(os.path.join(ROOT, "config.yaml"),
+                          _tiny_run(os.path.join(folder, "run"), model_dir, image_dir,
+                                    benchmark_file)
+                          + ["device=cpu", "questioner.prompts_per_step=4"]))
+    done = []
+
+    def work(chunk):
+        done.append(chunk)
+        return [{"chunk": chunk}]
+
+    rows = run.in_parts(os.path.join(folder, "rows.jsonl"), 6, work)
+    torch.save({"done": done, "rows": rows},
+               os.path.join(folder, f"parts_rank{distributed.rank()}.pt"))
+
+
+def test_resumed_parts_are_split_over_ranks_by_what_is_missing(tmp_path, format_model_dir,
+                                                               image_dir, benchmark_file):
+    """Parts 0, 2 and 4 (what rank 0's static share would have been) survive a killed run: the
+    rerun splits the missing 1, 3, 5 over both ranks (rank 0: 1 and 5, rank 1: 3), instead of rank
+    0 idling at the barrier while rank 1 does all three; rank 0 returns every row in order."""
+    os.makedirs(tmp_path / "rows.jsonl.parts")
+    for chunk in (0, 2, 4):
+        (tmp_path / "rows.jsonl.parts" / f"{chunk:06d}.jsonl").write_text(
+            f'{{"chunk": {chunk}}}\n')
+    spawn_two(_parts_worker, format_model_dir, image_dir, benchmark_file, str(tmp_path))
+    rank0 = torch.load(tmp_path / "parts_rank0.pt")
+    rank1 = torch.load(tmp_path / "parts_rank1.pt")
+    assert rank0["done"] == [1, 5] and rank1["done"] == [3]
+    assert rank0["rows"] == [{"chunk": c} for c in range(6)] and rank1["rows"] is None
+
+
+def _unshared_worker(model_dir, image_dir, benchmark_file, folder):
+    from config import ConfigError, load_config
+    from run import Run
+
+    # each rank its own folder: what two nodes see with run_dir on a local disk
+    run_dir = os.path.join(folder, f"local{distributed.rank()}")
+    try:
+        Run(load_config(os.path.join(ROOT, "config.yaml"),
+                        _tiny_run(run_dir, model_dir, image_dir, benchmark_file)
+                        + ["device=cpu", "questioner.prompts_per_step=4"]))
+        message = None
+    except ConfigError as error:
+        message = str(error)
+    torch.save(message, os.path.join(folder, f"unshared_rank{distributed.rank()}.pt"))
+
+
+def test_run_dir_not_shared_by_every_rank_is_refused_at_start(tmp_path, format_model_dir,
+                                                              image_dir, benchmark_file):
+    spawn_two(_unshared_worker, format_model_dir, image_dir, benchmark_file, str(tmp_path))
+    for rank in (0, 1):  # every rank stops, with the same one-line reason
+        message = torch.load(tmp_path / f"unshared_rank{rank}.pt")
+        assert message is not None and message.startswith("run_dir: "), message
+        assert "not shared by every process" in message

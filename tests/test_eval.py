@@ -22,7 +22,7 @@ import eval as evaluation
 from data import read_jsonl, write_jsonl
 from grpo import completion_logprobs
 from roles import reasoner_prompt
-from sampler import Sampling, rollout, special_tokens
+from sampler import Limits, Sampling, rollout, special_tokens
 from vlm import load_vlm
 
 PIXELS = dict(min_pixels=28 * 28, max_pixels=28 * 28 * 16)
@@ -70,7 +70,8 @@ class Stub:
     def __init__(self, responses, by_model=False):
         self.responses, self.by_model, self.prompts = responses, by_model, []
 
-    def __call__(self, model, processor, prompts, group_size, sampling, tokens, generator=None):
+    def __call__(self, model, processor, prompts, group_size, sampling, tokens, limits,
+                 generator=None):
         responses = (self.responses[os.path.basename(model.name_or_path)] if self.by_model
                      else self.responses)
         texts = []
@@ -513,7 +514,7 @@ def test_two_image_prompt_samples_and_scores(tiny):
     assert (prompts[0].input_ids == tokens.image_token_id).sum() == 10
     generator = torch.Generator().manual_seed(0)
     out = rollout(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6), tokens=tokens,
-                  batch_size=2, generator=generator)
+                  limits=Limits(2), generator=generator)
     rows = [prompts[i] for i in out.prompt_index.tolist()]
     with torch.no_grad():
         scored, _ = completion_logprobs(model, rows, out.completion_ids, out.completion_mask,

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import grpo
-from sampler import Sampling, collate, next_token, rollout, sample, special_tokens
+from sampler import (Limits, Sampling, collate, kv_bytes_per_token, next_token, plan_batches,
+                     rollout, sample, special_tokens)
 from config import ReasonerConfig
 from roles import encode_prompt
 from vlm import load_vlm
@@ -116,6 +117,18 @@ def test_group_advantages_hand_example():
     expected = torch.tensor([a, -a, -a, a, 0, 0, 0, 0, -0.75 / 1.500001, -0.75 / 1.500001,
                              -0.75 / 1.500001, 2.25 / 1.500001])
     torch.testing.assert_close(grpo.group_advantages(rewards, 4), expected, rtol=0, atol=1e-6)
+
+
+def test_group_advantages_equal_rewards_are_exactly_zero():
+    """8 x 0.1 in float32: the computed mean is one rounding off 0.1 and std is tiny, so the
+    formula alone gives about -0.0074 for every member; an all-equal group must give 0 exactly."""
+    rewards = torch.tensor([0.1] * 8 + [0.2] * 6 + [0.7, 0.7], dtype=torch.float32)
+    advantages = grpo.group_advantages(rewards, 8)
+    assert advantages[:8].tolist() == [0.0] * 8
+    # the mixed group keeps its advantages: mean 0.325, unbiased std 0.2315 -> -0.540 and +1.620
+    torch.testing.assert_close(advantages[8:], torch.tensor([-0.125 / 0.2314550] * 6
+                                                            + [0.375 / 0.2314550] * 2),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _ratios_example():
@@ -428,49 +441,110 @@ def test_sampling_is_seeded(tiny, prompts):
     assert not torch.equal(a.completion_ids[:, :width], c.completion_ids[:, :width])
 
 
-def test_rollout_batches_concatenate(tiny, prompts):
-    """5 prompts, batch_size 2, G 2: rows are grouped by prompt (0,0,1,1,...,4,4), each batch equals
-    `sample` on that batch with the same generator stream (padded to the widest batch with pad / 0),
-    and the log-probs still match the training forward of each row's own prompt."""
+def test_rollout_batches_longest_first_rows_in_prompt_order(tiny, prompts):
+    """5 prompts, at most 2 per batch, G 2: batches are the prompts sorted by length, longest
+    first, 2 at a time; each batch equals `sample` on it with the same generator stream; rows come
+    back grouped in prompt order (0,0,1,1,...,4,4), padded to the widest batch with pad / 0; and
+    the log-probs still match the training forward of each row's own prompt."""
     model, processor, tokens = tiny
     five = prompts + [encode_prompt(processor, noise_image(84, 56, 5), "Is it red?"),
                       encode_prompt(processor, noise_image(56, 56, 6),
                                     "Which column has the most shapes?")]
+    lengths = [len(p.input_ids) for p in five]
+    assert len(set(lengths)) == 5
+    by_length = sorted(range(5), key=lambda i: -lengths[i])
+    batches = [by_length[0:2], by_length[2:4], by_length[4:]]
+    assert batches != [[0, 1], [2, 3], [4]]  # sorting really reorders here
     eos_tokens = with_common_eos(tokens)
     sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10)
-    # The slow way: `sample` on each batch of 2 prompts in turn, one generator stream. Take the
-    # first seed whose batches come out with different widths, so that the concatenation must pad.
+    # The slow way: `sample` on each batch in turn, one generator stream. Take the first seed whose
+    # batches come out with different widths, so that the concatenation must pad.
     for seed in range(5, 50):
         gen = torch.Generator().manual_seed(seed)
-        parts = [sample(model, five[s:s + 2], group_size=2, sampling=sampling, tokens=eos_tokens,
-                        generator=gen)
-                 for s in (0, 2, 4)]
+        parts = [sample(model, [five[i] for i in batch], group_size=2, sampling=sampling,
+                        tokens=eos_tokens, generator=gen) for batch in batches]
         if len({p.completion_ids.shape[1] for p in parts}) > 1:
             break
     assert len({p.completion_ids.shape[1] for p in parts}) > 1
     width = max(p.completion_ids.shape[1] for p in parts)
+    expected = {}  # prompt -> its rows (ids, mask, logprobs), as the batches sampled them
+    for batch, part in zip(batches, parts):
+        for r in range(part.completion_ids.shape[0]):
+            expected.setdefault(batch[r // 2], []).append(
+                (part.completion_ids[r], part.completion_mask[r], part.logprobs[r]))
 
-    result = rollout(model, five, group_size=2, sampling=sampling, tokens=eos_tokens, batch_size=2,
-                          generator=torch.Generator().manual_seed(seed))
+    result = rollout(model, five, group_size=2, sampling=sampling, tokens=eos_tokens,
+                     limits=Limits(max_prompts=2), generator=torch.Generator().manual_seed(seed))
     assert result.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert (result.completion_ids.shape == result.completion_mask.shape == result.logprobs.shape
             == (10, width))
-    row = 0
-    for part in parts:
-        w = part.completion_ids.shape[1]
-        for r in range(part.completion_ids.shape[0]):
-            assert result.completion_ids[row, :w].tolist() == part.completion_ids[r].tolist()
-            assert result.completion_ids[row, w:].eq(eos_tokens.pad_id).all()
-            assert torch.equal(result.completion_mask[row, :w], part.completion_mask[r])
-            assert result.completion_mask[row, w:].eq(0).all()
-            assert torch.equal(result.logprobs[row, :w], part.logprobs[r])
-            row += 1
+    for row in range(10):
+        ids, mask, logprobs = expected[row // 2][row % 2]
+        w = ids.shape[0]
+        assert result.completion_ids[row, :w].tolist() == ids.tolist()
+        assert result.completion_ids[row, w:].eq(eos_tokens.pad_id).all()
+        assert torch.equal(result.completion_mask[row, :w], mask)
+        assert result.completion_mask[row, w:].eq(0).all()
+        assert torch.equal(result.logprobs[row, :w], logprobs)
     check_row_structure(result, eos_tokens, 10)
     with torch.no_grad():
         logprobs, _ = grpo.completion_logprobs(model, row_prompts(five, result),
                                                result.completion_ids, result.completion_mask,
                                                tokens=eos_tokens, chunk_size=4)
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
+
+
+def test_chunked_prefill_samples_what_one_prefill_samples(tiny, prompts):
+    """prefill_tokens small enough for one prompt per prefill forward: the chunks' caches join
+    into the batch's, and the samples (same generator seed) are identical to one whole-batch
+    prefill's."""
+    model, _, tokens = tiny
+    sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+    width = max(len(p.input_ids) for p in prompts)
+
+    def run(prefill_tokens):
+        return sample(model, prompts, group_size=3, sampling=sampling, tokens=tokens,
+                      generator=torch.Generator().manual_seed(4), prefill_tokens=prefill_tokens)
+
+    whole, chunked = run(None), run(width)  # width tokens: one prompt per forward
+    assert torch.equal(whole.completion_ids, chunked.completion_ids)
+    torch.testing.assert_close(chunked.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+
+
+def test_kv_bytes_per_token_of_real_shapes():
+    """Qwen2.5-VL-3B: 36 layers x 2 KV heads x head 128; 7B: 28 x 4 x 128. K and V, bf16."""
+    from transformers import Qwen2_5_VLConfig
+
+    three = Qwen2_5_VLConfig(text_config=dict(hidden_size=2048, num_hidden_layers=36,
+                                              num_attention_heads=16, num_key_value_heads=2))
+    seven = Qwen2_5_VLConfig(text_config=dict(hidden_size=3584, num_hidden_layers=28,
+                                              num_attention_heads=28, num_key_value_heads=4))
+    assert kv_bytes_per_token(three, torch.bfloat16) == 2 * 36 * 2 * 128 * 2 == 36864
+    assert kv_bytes_per_token(seven, torch.bfloat16) == 2 * 28 * 4 * 128 * 2 == 57344
+    assert kv_bytes_per_token(seven, torch.float32) == 114688
+    # the 3B preset's worst case, unplanned: 64 prompts x G 8 x (2000 + 1024) tokens = 53.1 GiB
+    assert 64 * 8 * 3024 * 36864 / 2**30 == pytest.approx(53.16, abs=0.01)
+
+
+def test_plan_batches_hand_worked():
+    """kv_bytes 1, G 2, 4 new tokens, a budget of 48 bytes (kv_cache_gib = 48 / 2^30).
+    Lengths 10, 2, 8, 4, 3 sorted: 10 (i0), 8 (i2), 4 (i3), 3 (i4), 2 (i1). Batch [0]: one prompt
+    costs 2 x (10 + 4) = 28 <= 48; adding i2 makes 4 x 14 = 56 > 48, so i2 starts a batch:
+    2 x 12 = 24; + i3: 4 x 12 = 48 fits; + i4: 6 x 12 = 72 no. [4]: 2 x 7 = 14; + i1: 4 x 7 = 28
+    fits."""
+    limits = Limits(max_prompts=8, kv_cache_gib=48 / 2**30)
+    plan = plan_batches([10, 2, 8, 4, 3], group_size=2, max_new_tokens=4, kv_bytes=1,
+                        limits=limits)
+    assert plan == [[0], [2, 3], [4, 1]]
+    # max_prompts binds too; no budget: only the count
+    assert plan_batches([10, 2, 8, 4, 3], group_size=2, max_new_tokens=4, kv_bytes=1,
+                        limits=Limits(max_prompts=2)) == [[0, 2], [3, 4], [1]]
+    # a prompt whose group alone exceeds the budget is sampled alone, never dropped or split
+    assert plan_batches([100, 1], group_size=2, max_new_tokens=4, kv_bytes=1,
+                        limits=limits) == [[0], [1]]
+    # equal lengths keep their order (stable)
+    assert plan_batches([5, 5, 5], group_size=1, max_new_tokens=1, kv_bytes=1,
+                        limits=Limits(max_prompts=2)) == [[0, 1], [2]]
 
 
 # ----------------------------------------------------------------------------
@@ -488,7 +562,7 @@ def _learning_run(model, tokens, four_prompts, sign, steps=15):
     history = []
     for _ in range(steps):
         result = rollout(model, four_prompts, group_size=cfg.group_size, sampling=sampling,
-                         tokens=tokens, batch_size=4, generator=gen)
+                         tokens=tokens, limits=Limits(4), generator=gen)
         mask = result.completion_mask
         reward = ((result.completion_ids < 200).float() * mask).sum(-1) / mask.sum(-1)
         metrics = grpo.train_step(model, None, optimizer, prompts=four_prompts, sampled=result,
@@ -572,6 +646,31 @@ def test_finite_update_changes_parameters(tiny, prompts):
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
     assert sum(changed) > len(changed) // 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_micro_batches_forward_only_their_own_length(tiny, prompts, monkeypatch):
+    """Scoring and the update forward each micro-batch cut to its own longest completion, not the
+    rollout's: the widths seen are each micro-batch's longest row (worked out from the mask)."""
+    base, _, tokens = tiny
+    cfg = stage_config(updates_per_step=1, micro_batch_size=3, max_new_tokens=10)
+    model = trainable_copy(base)
+    widths = []
+    real = grpo.completion_logprobs
+
+    def recording(model, prompts, completion_ids, completion_mask, **kwargs):
+        widths.append(completion_ids.shape[1])
+        return real(model, prompts, completion_ids, completion_mask, **kwargs)
+
+    monkeypatch.setattr(grpo, "completion_logprobs", recording)
+    experience, eos_tokens = _experience(model, prompts, tokens, cfg, seed=8)
+    lengths = experience.sampled.completion_mask.sum(-1).int().tolist()
+    longest = [max(lengths[s:s + 3]) for s in range(0, 8, 3)]
+    assert longest != [max(lengths)] * 3, lengths  # trimming matters in this batch
+    assert widths == longest  # scoring (no reference: one forward per micro-batch)
+    widths.clear()
+    grpo.grpo_update(model, grpo.make_optimizer(model, cfg), experience, tokens=eos_tokens,
+                     cfg=cfg)
+    assert widths == longest
 
 
 def _perturbed_reference(model):

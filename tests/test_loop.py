@@ -21,7 +21,7 @@ def tiny_overrides(run_dir, model_dir, image_dir, benchmark_file):
             "questioner.steps=2", "questioner.prompts_per_step=2", "questioner.group_size=4",
             "questioner.updates_per_step=2", "questioner.micro_batch_size=3",
             "questioner.max_new_tokens=12", "questioner.answer_samples=3",
-            "questioner.answer_max_new_tokens=12", "questioner.lr=1e-4",
+            "questioner.lr=1e-4",
             "generation.questions_per_image=2", "generation.max_new_tokens=12",
             "generation.batch_size=5",
             "labeling.answers_per_question=3", "labeling.max_new_tokens=12", "labeling.p_low=0.0",
@@ -63,6 +63,8 @@ def test_run_writes_every_artifact(finished_run):
                     "kl", "entropy", "response_length_mean", "grad_norm", "seconds_sampling",
                     "seconds_scoring", "seconds_training"):
             assert key in m, key
+        if m["stage"] == "questioner":  # the share of reward-time answers without a box
+            assert 0 <= m["unboxed_rate"] <= 1 and 0 <= m["invalid_rate"] <= 1
     assert [s["iteration"] for s in summaries] == [0, 1]
     assert summaries[1]["kept"] == len(kept) and summaries[1]["generated"] == 24
     assert 0 <= summaries[1]["eval"]["tiny"]["accuracy"] <= 1
@@ -191,3 +193,41 @@ def test_final_table_reports_every_iteration_and_category():
     assert lines[3] == "| 1 | 62.5 | 50.0 | 50.0 | 7 | 0.55 | 0.12 | 0.75 | 0.20 |"
     assert lines[-3:] == ["|---|---|---|", "| 0 | 50.0 | 50.0 |", "| 1 | 75.0 | 50.0 |"]
     assert "| iteration | count | exists |" in lines
+
+
+def test_each_stage_frees_its_models(tmp_path, monkeypatch, format_model_dir, image_dir,
+                                     benchmark_file):
+    """Every model a stage loads is gone once the stage has returned (`run.free_memory` after
+    each stage), so the next stage never holds two stages' models at once."""
+    import gc
+    import weakref
+
+    import run as run_module
+
+    loaded = []  # (stage, weak reference) of every model loaded
+    load_model, free_memory = run_module.Run.load_model, run_module.free_memory
+
+    def recording_load(self, path, trainable, park=False):
+        model, processor = load_model(self, path, trainable, park)
+        loaded.append(weakref.ref(model))
+        return model, processor
+
+    frees = []
+
+    def checked_free():
+        free_memory()
+        frees.append(len(loaded))
+        alive = [ref for ref in loaded if ref() is not None]
+        assert not alive, f"{len(alive)} of {len(loaded)} models still alive after a stage"
+
+    monkeypatch.setattr(run_module.Run, "load_model", recording_load)
+    monkeypatch.setattr(visplay, "free_memory", checked_free)
+    gc.disable()  # only the stage's own release may collect
+    try:
+        visplay.run_loop(load_config("config.yaml", tiny_overrides(
+            tmp_path, format_model_dir, image_dir, benchmark_file)))
+    finally:
+        gc.enable()
+    # eval_v0, then questioner (policy, reference, frozen reasoner), generation, labeling,
+    # reasoner (policy, reference), eval_v1
+    assert frees == [1, 4, 5, 6, 8, 9]

@@ -51,6 +51,12 @@ def q(kind, question, answer):
     (q("numerical", "Pixels?", "1,000"), GeneratedQuestion("numerical", "Pixels?", "1,000", None)),
     (q("regression", "Area?", ".5"), GeneratedQuestion("regression", "Area?", ".5", None)),
     (q("regression", "Area?", "2e3"), GeneratedQuestion("regression", "Area?", "2e3", None)),
+    # what grading reads as a number: units, percent, LaTeX fractions
+    (q("numerical", "How many?", "3 cars"),
+     GeneratedQuestion("numerical", "How many?", "3 cars", None)),
+    (q("regression", "Share?", "45%"), GeneratedQuestion("regression", "Share?", "45%", None)),
+    (q("regression", "Ratio?", "\\frac{1}{2}"),
+     GeneratedQuestion("regression", "Ratio?", "\\frac{1}{2}", None)),
     # text around the tags and newlines between them are fine
     ("Sure! " + q("numerical", "How many?", "4").replace("</type>", "</type>\n") + " done",
      GeneratedQuestion("numerical", "How many?", "4", None)),
@@ -84,7 +90,7 @@ def test_parse_question_uses_first_occurrence_of_each_tag():
     q("open ended", "What is it?", "a circle"),                                   # unknown type
     q("multiple", "Which?", "A"),
     q("numerical", "How many?", "three"),                                         # not a number
-    q("numerical", "How many?", "3 circles"),
+    q("numerical", "How many?", "three circles"),
     q("regression", "What fraction?", "about half"),
     q("numerical", "How many?", "1.2.3"),
 ])
