@@ -4,7 +4,9 @@ Given a sampled rollout batch (`sampler.rollout`) and one reward per completion:
 1. `group_advantages`: (r - mean) / (std + 1e-6) within each group of G, on every token of a sample.
 2. `score_rollout`: per-token log-probs of the sampled tokens under the policy right after the
    rollout (the "old" policy) and under the frozen reference (`completion_logprobs`, which
-   projects hidden states to the vocabulary a chunk of positions at a time).
+   projects hidden states to the vocabulary a chunk of positions at a time). The first
+   mini-batch is trained on by the very policy that sampled it: its old log-probs are the
+   training forward's own, detached, and it gets no separate forward.
 3. `policy_loss` + `kl_k3` + `aggregate`: clipped ratio loss with eps_low / eps_high and dual clip,
    k3 KL to the frozen reference, token-mean or seq-mean-token-mean.
 4. `grpo_update`: the batch is split into `updates_per_step` mini-batches, each one AdamW step after
@@ -182,16 +184,21 @@ class Experience:
     advantages: torch.Tensor      # [N]
     old_logprobs: torch.Tensor    # [N, T] policy right after the rollout
     ref_logprobs: torch.Tensor | None  # [N, T] frozen reference (None when kl_coef == 0)
+    entropy: torch.Tensor         # [N, T] the old policy's entropy at each completion position
+    fresh_rows: int = 0           # rows [0, fresh_rows): old log-probs and entropy still to come
+                                  # from the first update's own forward (`grpo_update`)
 
 
 @torch.no_grad()
 def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cfg,
-                  autocast=nullcontext, on_device=nullcontext):
-    """Recompute old-policy and reference log-probs (no grad), micro-batch by micro-batch.
-    on_device(reference): the context the reference scores in (`Run.on_device`).
+                  autocast=nullcontext, on_device=nullcontext, fresh_rows=0):
+    """Old-policy log-probs and entropy of rows [fresh_rows, N) and reference log-probs of every
+    row (no grad), micro-batch by micro-batch; returns an `Experience`.
 
-    Returns (Experience, stats): stats holds the entropy and the largest gap between the sampled
-    and the recomputed log-probs.
+    fresh_rows: the first mini-batch's rows, which the first update trains on with the policy
+    that sampled them; `grpo_update` fills their old log-probs from its own forward, detached (the
+    same numbers a separate forward would give, so the ratio there is 1 either way).
+    on_device(reference): the context the reference scores in (`Run.on_device`).
     """
     old, ref, entropy = [], [], []
     rows, width = sampled.completion_ids.shape
@@ -206,9 +213,13 @@ def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cf
             ids, mask = _trimmed(sampled.completion_ids[rows_here],
                                  sampled.completion_mask[rows_here])
             with autocast():
-                logprobs, token_entropy = completion_logprobs(
-                    policy, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
-                    chunk_size=cfg.logprob_chunk, with_entropy=True)
+                if start + cfg.micro_batch_size > fresh_rows:  # not all fresh: score them
+                    logprobs, token_entropy = completion_logprobs(
+                        policy, micro_prompts, ids, mask, tokens=tokens,
+                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
+                        with_entropy=True)
+                else:
+                    logprobs = token_entropy = torch.zeros(ids.shape, device=ids.device)
                 old.append(padded(logprobs))
                 entropy.append(padded(token_entropy))
                 if reference is not None:
@@ -216,22 +227,34 @@ def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cf
                         reference, micro_prompts, ids, mask, tokens=tokens,
                         temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)[0]))
     old = torch.cat(old)
-    mask = sampled.completion_mask.to(old.device)
-    entropy_sum, tokens_sum = distributed.all_reduce_sum([(torch.cat(entropy) * mask).sum().item(),
+    return Experience(prompts, sampled, advantages.to(old.device), old,
+                      torch.cat(ref) if ref else None, torch.cat(entropy).to(old.device),
+                      fresh_rows)
+
+
+def scoring_stats(experience):
+    """The old policy's mean entropy per completion token, and the largest gap between the
+    log-probs recorded while sampling and those recomputed for the update (over every rank)."""
+    sampled = experience.sampled
+    mask = sampled.completion_mask.to(experience.old_logprobs.device)
+    entropy_sum, tokens_sum = distributed.all_reduce_sum([(experience.entropy * mask).sum().item(),
                                                          mask.sum().item()])
-    mismatch = ((old - sampled.logprobs.to(old.device)).abs() * mask).max().item()
-    stats = {"entropy": entropy_sum / tokens_sum,
-             "logprob_mismatch": max(distributed.all_gather_list([mismatch]))}
-    experience = Experience(prompts, sampled, advantages.to(old.device), old,
-                            torch.cat(ref) if ref else None)
-    return experience, stats
+    gap = (experience.old_logprobs - sampled.logprobs.to(mask.device)).abs() * mask
+    return {"entropy": entropy_sum / tokens_sum,
+            "logprob_mismatch": max(distributed.all_gather_list([gap.max().item()]))}
 
 
 def make_optimizer(model, cfg):
-    """AdamW over the trainable parameters; constant lr (the first update already uses it)."""
+    """AdamW over the trainable parameters; constant lr (the first update already uses it).
+
+    Fused (one kernel for all parameters, no temporaries the size of the model) where the
+    parameters are plain CUDA tensors; PyTorch's default (foreach) otherwise: on CPU, whose
+    numbers the tests and the embedded default pin, and for FSDP2's sharded DTensors.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def clip_grad_norm(params, max_norm):
@@ -284,10 +307,14 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcont
             ids, mask = _trimmed(sampled.completion_ids[rows_here],
                                  sampled.completion_mask[rows_here])
             width = ids.shape[1]
+            fresh = update == 0 and start < experience.fresh_rows  # the sampling policy's rows
             with autocast():  # the forward only: backward and the step run outside it
-                logprobs, _ = completion_logprobs(policy, micro_prompts, ids, mask, tokens=tokens,
-                                                  temperature=cfg.temperature,
-                                                  chunk_size=cfg.logprob_chunk)
+                logprobs, entropy = completion_logprobs(
+                    policy, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
+                    chunk_size=cfg.logprob_chunk, with_entropy=fresh)
+            if fresh:  # its old log-probs are this forward's own (ratio exactly 1)
+                experience.old_logprobs[rows_here, :width] = logprobs.detach()
+                experience.entropy[rows_here, :width] = entropy
             mask = mask.to(logprobs.device)
             per_token, clips = policy_loss(logprobs, experience.old_logprobs[rows_here, :width],
                                            experience.advantages[rows_here], eps_low=cfg.eps_low,
@@ -338,12 +365,13 @@ def train_step(policy, reference, optimizer, *, prompts, sampled, rewards, token
     """
     started = time.perf_counter()
     advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
-    experience, stats = score_rollout(policy, reference, prompts=prompts, sampled=sampled,
-                                      advantages=advantages, tokens=tokens, cfg=cfg,
-                                      autocast=autocast, on_device=on_device)
+    experience = score_rollout(policy, reference, prompts=prompts, sampled=sampled,
+                               advantages=advantages, tokens=tokens, cfg=cfg, autocast=autocast,
+                               on_device=on_device,
+                               fresh_rows=len(advantages) // cfg.updates_per_step)
     metrics = grpo_update(policy, optimizer, experience, tokens=tokens, cfg=cfg,
                           autocast=autocast)
-    metrics.update(stats)
+    metrics.update(scoring_stats(experience))
     rows = zip(rewards.float().tolist(), advantages.tolist(),
                sampled.completion_mask.sum(-1).float().tolist())
     reward, advantage, length = torch.tensor(distributed.all_gather_list(rows)).T  # every rank's

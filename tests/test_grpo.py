@@ -597,9 +597,9 @@ def _experience(model, prompts, tokens, cfg, seed, advantages=None, reference=No
     if advantages is None:
         rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2])
         advantages = grpo.group_advantages(rewards, cfg.group_size)
-    experience, stats = grpo.score_rollout(model, reference, prompts=prompts[:2], sampled=result,
-                                           advantages=advantages, tokens=eos_tokens, cfg=cfg)
-    assert stats["logprob_mismatch"] <= 1e-5
+    experience = grpo.score_rollout(model, reference, prompts=prompts[:2], sampled=result,
+                                    advantages=advantages, tokens=eos_tokens, cfg=cfg)
+    assert grpo.scoring_stats(experience)["logprob_mismatch"] <= 1e-5
     return experience, eos_tokens
 
 
@@ -671,6 +671,54 @@ def test_micro_batches_forward_only_their_own_length(tiny, prompts, monkeypatch)
     grpo.grpo_update(model, grpo.make_optimizer(model, cfg), experience, tokens=eos_tokens,
                      cfg=cfg)
     assert widths == longest
+
+
+@pytest.mark.parametrize("updates_per_step", [1, 2])
+def test_first_mini_batch_takes_old_logprobs_from_its_own_forward(tiny, prompts, monkeypatch,
+                                                                 updates_per_step):
+    """The first mini-batch is trained on by the policy that sampled it: its old log-probs come
+    from the training forward, detached, instead of a separate scoring forward. Slow way: score
+    every row first (fresh_rows 0). Both give the same old log-probs, entropies, loss and update,
+    and the fast way runs the policy forward only on the rows that need a separate one."""
+    base, _, tokens = tiny
+    cfg = stage_config(updates_per_step=updates_per_step, micro_batch_size=2, max_new_tokens=8,
+                       grad_clip=1e9)
+    experience, eos_tokens = _experience(base, prompts, tokens, cfg, seed=9)
+    rows = experience.sampled.completion_ids.shape[0]
+    fresh_rows = rows // updates_per_step
+    calls = []
+    real = grpo.completion_logprobs
+
+    def counting(model, prompts, completion_ids, completion_mask, **kwargs):
+        calls.append((torch.is_grad_enabled(), completion_ids.shape[0]))
+        return real(model, prompts, completion_ids, completion_mask, **kwargs)
+
+    def update(fresh):
+        model = trainable_copy(base)
+        before = parameters(model)
+        monkeypatch.setattr(grpo, "completion_logprobs", counting)
+        calls.clear()
+        scored = grpo.score_rollout(model, None, prompts=prompts[:2], sampled=experience.sampled,
+                                    advantages=experience.advantages, tokens=eos_tokens, cfg=cfg,
+                                    fresh_rows=fresh)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the gradient itself
+        metrics = grpo.grpo_update(model, sgd, scored, tokens=eos_tokens, cfg=cfg)
+        monkeypatch.setattr(grpo, "completion_logprobs", real)
+        scoring_rows = sum(n for grad, n in calls if not grad)
+        delta = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        return scored, metrics, delta, scoring_rows
+
+    slow, slow_metrics, slow_delta, slow_scored = update(0)
+    fast, fast_metrics, fast_delta, fast_scored = update(fresh_rows)
+    assert slow_scored == rows and fast_scored == rows - fresh_rows
+    mask = experience.sampled.completion_mask
+    torch.testing.assert_close(fast.old_logprobs * mask, slow.old_logprobs * mask,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.entropy * mask, slow.entropy * mask, rtol=0, atol=1e-5)
+    assert fast_metrics["loss"] == pytest.approx(slow_metrics["loss"], abs=1e-6)
+    assert max(d.abs().max().item() for d in slow_delta) > 1e-4  # a real step was taken
+    for a, b in zip(slow_delta, fast_delta):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def _perturbed_reference(model):
