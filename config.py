@@ -56,6 +56,7 @@ class StageConfig:
     kl_coef: float = 0.01             # k3 KL to the stage's starting weights; 0: no reference model
     loss_agg: str = "seq-mean-token-mean"  # or token-mean
     logprob_chunk: int = 256          # completion tokens per chunk of the vocabulary projection
+    shared_prefix: bool = True        # training forwards encode a group's prompt once, not G times
 
 
 @dataclass

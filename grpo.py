@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import distributed
-from sampler import Rollout, collate
+from sampler import Rollout, collate, collate_groups
 
 # ----------------------------------------------------------------------------
 # Log-probs of completions under a model
@@ -51,19 +51,24 @@ def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids,
 
 
 def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_size,
-                       with_entropy):
+                       with_entropy, gather=None):
     """Hidden states of the whole batch, then the vocabulary projection of the completion
     positions only, `chunk_size` positions at a time (recomputed in backward under autograd).
 
     batch: `sampler.collate`'s model inputs for n rows of P + T positions; targets [n, T], the
-    completion tokens. Returns (logprobs [n, T], entropy [n, T] or None).
+    completion tokens. Or, with `gather`, `sampler.collate_groups`'s (one sequence per group) and
+    the flat index of the state that predicts each completion token. Returns (logprobs [n, T],
+    entropy [n, T] or None).
     Under FSDP2 this runs as a registered forward method of the root module
     (`distributed.shard_model`), so the root's own weights (embeddings, lm_head) are gathered.
     """
     hidden = model.model(**batch, use_cache=False).last_hidden_state
     width = targets.shape[1]
-    start = hidden.shape[1] - width
-    hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token
+    if gather is not None:
+        hidden = hidden.flatten(0, 1)[gather]  # [n, T, H]: the state before each token
+    else:
+        start = hidden.shape[1] - width
+        hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token
     weight = model.lm_head.weight
     logprobs, entropies = [], []
     options = dict(temperature=temperature, banned_ids=banned_ids, with_entropy=with_entropy)
@@ -85,20 +90,26 @@ FORWARD_METHODS = {"completion_forward": completion_forward}
 
 
 def completion_logprobs(model, prompts, completion_ids, completion_mask, *, tokens,
-                        temperature=1.0, chunk_size=256, with_entropy=False):
+                        temperature=1.0, chunk_size=256, with_entropy=False, shared_prefix=False):
     """Per-token log-probs of completions under `model`, as in training (one forward).
 
     prompts: n `Prompt`s (one per row); completion_ids, completion_mask: [n, T].
     Returns (logprobs [n, T], entropy [n, T] or None). Only the T completion positions are
     projected to the vocabulary, `chunk_size` positions at a time, and under autograd each chunk is
     recomputed in backward, so [n, P + T, vocab] (or even [n, T, vocab]) logits never exist at once.
+    shared_prefix: consecutive rows of one Prompt share one encoding of it (`collate_groups`): a
+    group of G costs P + G x T positions instead of G x (P + T), vision tower included.
     """
-    batch = collate(model, prompts, tokens, completion_ids=completion_ids,
-                    completion_mask=completion_mask)
+    gather = None
+    if shared_prefix:
+        batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask)
+    else:
+        batch = collate(model, prompts, tokens, completion_ids=completion_ids,
+                        completion_mask=completion_mask)
     targets = completion_ids.to(batch["input_ids"].device)
     forward = getattr(model, "completion_forward", None) or partial(completion_forward, model)
     return forward(batch, targets, temperature=temperature, banned_ids=tokens.banned_ids,
-                   chunk_size=chunk_size, with_entropy=with_entropy)
+                   chunk_size=chunk_size, with_entropy=with_entropy, gather=gather)
 
 
 # ----------------------------------------------------------------------------
@@ -217,7 +228,7 @@ def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cf
                     logprobs, token_entropy = completion_logprobs(
                         policy, micro_prompts, ids, mask, tokens=tokens,
                         temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
-                        with_entropy=True)
+                        with_entropy=True, shared_prefix=cfg.shared_prefix)
                 else:
                     logprobs = token_entropy = torch.zeros(ids.shape, device=ids.device)
                 old.append(padded(logprobs))
@@ -225,7 +236,8 @@ def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cf
                 if reference is not None:
                     ref.append(padded(completion_logprobs(
                         reference, micro_prompts, ids, mask, tokens=tokens,
-                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)[0]))
+                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
+                        shared_prefix=cfg.shared_prefix)[0]))
     old = torch.cat(old)
     return Experience(prompts, sampled, advantages.to(old.device), old,
                       torch.cat(ref) if ref else None, torch.cat(entropy).to(old.device),
@@ -311,7 +323,8 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcont
             with autocast():  # the forward only: backward and the step run outside it
                 logprobs, entropy = completion_logprobs(
                     policy, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
-                    chunk_size=cfg.logprob_chunk, with_entropy=fresh)
+                    chunk_size=cfg.logprob_chunk, with_entropy=fresh,
+                    shared_prefix=cfg.shared_prefix)
             if fresh:  # its old log-probs are this forward's own (ratio exactly 1)
                 experience.old_logprobs[rows_here, :width] = logprobs.detach()
                 experience.entropy[rows_here, :width] = entropy

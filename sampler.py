@@ -116,6 +116,68 @@ def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None
                 image_grid_thw=image_grid_thw)
 
 
+def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
+    """Model inputs that encode each prompt ONCE for all its completions (shared-prefix training).
+
+    prompts: one `Prompt` per completion row; consecutive rows with the same Prompt object form a
+    group (G completions of one prompt). Each group becomes one sequence: its prompt, then its
+    completions one after another in slots of T columns, left-padded to the longest sequence. A
+    completion attends to the prompt and causally to itself only, and its rope positions continue
+    the prompt's (Qwen's multimodal positions), exactly as if it were alone after its prompt; so
+    every completion token sees what it sees in `collate`'s one-row-per-completion batch, but the
+    prompt (image included) is computed once, and its gradient gathers all G completions'.
+
+    Returns (inputs, gather): inputs as `collate`'s, with a boolean attention mask [B, 1, L, L]
+    (True: may attend); gather [n, T] the flat index (into B x L) of the hidden state that
+    predicts each completion token.
+    """
+    device = _device(model)
+    groups = []  # (prompt, [rows])
+    for row, prompt in enumerate(prompts):
+        if groups and groups[-1][0] is prompt:
+            groups[-1][1].append(row)
+        else:
+            groups.append((prompt, [row]))
+    base = collate(model, [prompt for prompt, _ in groups], tokens)  # prompts left-padded
+    width = completion_ids.shape[1]
+    prompt_width = base["input_ids"].shape[1]
+    length = prompt_width + max(len(rows) for _, rows in groups) * width
+    n_groups = len(groups)
+    input_ids = torch.full((n_groups, length), tokens.pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((n_groups, length), dtype=torch.bool, device=device)
+    segment = torch.full((n_groups, length), -1, dtype=torch.long, device=device)  # 0: prompt
+    position_ids = torch.ones((3, n_groups, length), dtype=torch.long, device=device)
+    gather = torch.zeros(completion_ids.shape, dtype=torch.long, device=device)
+    steps = torch.arange(width, device=device)
+    completion_ids = completion_ids.to(device)
+    completion_mask = completion_mask.to(device).bool()
+    for g, (_, rows) in enumerate(groups):
+        start = length - prompt_width - len(rows) * width  # left padding of this sequence
+        prompt_end = start + prompt_width
+        input_ids[g, start:prompt_end] = base["input_ids"][g]
+        valid[g, start:prompt_end] = base["attention_mask"][g].bool()
+        segment[g, start:prompt_end] = 0
+        position_ids[:, g, start:prompt_end] = base["position_ids"][:, g]
+        next_position = base["position_ids"][:, g].max() + 1
+        for slot, row in enumerate(rows):
+            first = prompt_end + slot * width
+            input_ids[g, first:first + width] = completion_ids[row]
+            valid[g, first:first + width] = completion_mask[row]
+            segment[g, first:first + width] = slot + 1
+            position_ids[:, g, first:first + width] = next_position + steps
+            # the state before token 0 is the prompt's last; before token t, token t - 1's
+            gather[row] = g * length + torch.cat([steps[:1] + prompt_end - 1,
+                                                  first + steps[:-1]])
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
+    mask = causal & valid.unsqueeze(1) & ((key == 0) | (key == query))
+    mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding attends to itself
+    inputs = dict(input_ids=input_ids, attention_mask=mask.unsqueeze(1),
+                  position_ids=position_ids, pixel_values=base["pixel_values"],
+                  image_grid_thw=base["image_grid_thw"])
+    return inputs, gather
+
+
 def next_token(logits, sampling, banned_ids, generator):
     """Pick one token per row. logits [n, V] -> (tokens [n], their log-probs [n]).
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import grpo
+import sampler
 from sampler import (Limits, Sampling, collate, kv_bytes_per_token, next_token, plan_batches,
                      rollout, sample, special_tokens)
 from config import ReasonerConfig
@@ -719,6 +720,69 @@ def test_first_mini_batch_takes_old_logprobs_from_its_own_forward(tiny, prompts,
     assert max(d.abs().max().item() for d in slow_delta) > 1e-4  # a real step was taken
     for a, b in zip(slow_delta, fast_delta):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_shared_prefix_forward_equals_one_row_per_completion(tiny, prompts, group_size):
+    """Shared-prefix training forward (each prompt encoded once for its G completions) against the
+    one-row-per-completion forward: prompts of different lengths (left padding), image sizes, a
+    two-image prompt, rows of different lengths, and a micro-batch that cuts a group in two. Per
+    token log-probs, entropies and every parameter's gradient agree to fp32 rounding."""
+    model, processor, tokens = tiny
+    model = trainable_copy(model)
+    two_images = encode_prompt(processor, [noise_image(56, 56, 7), noise_image(84, 56, 8)],
+                               "Are these the same?")
+    four = prompts + [two_images]
+    eos_tokens = with_common_eos(tokens)
+    result = sample(model, four, group_size=group_size, sampling=Sampling(1.0, 1.0, 0, 8),
+                    tokens=eos_tokens, generator=torch.Generator().manual_seed(3))
+    rows = [four[i] for i in result.prompt_index.tolist()]
+    mask = result.completion_mask
+    n = len(rows)
+    cut = n // 2 + (1 if group_size > 1 else 0)  # not on a group boundary when G > 1
+
+    def forward_and_backward(shared):
+        model.zero_grad()
+        parts = []
+        for piece in (slice(0, cut), slice(cut, n)):  # two micro-batches
+            logprobs, entropy = grpo.completion_logprobs(
+                model, rows[piece], result.completion_ids[piece], mask[piece], tokens=eos_tokens,
+                chunk_size=3, with_entropy=True, shared_prefix=shared)
+            (logprobs * mask[piece]).sum().backward()
+            parts.append((logprobs.detach(), entropy))
+        logprobs = torch.cat([p[0] for p in parts])
+        entropy = torch.cat([p[1] for p in parts])
+        return logprobs, entropy, [p.grad.clone() for p in model.parameters()]
+
+    per_row = forward_and_backward(False)
+    shared = forward_and_backward(True)
+    assert masked_max_abs(shared[0], per_row[0], mask) <= 1e-5
+    assert masked_max_abs(shared[1], per_row[1], mask) <= 1e-4
+    assert masked_max_abs(shared[0], result.logprobs, mask) <= 1e-5
+    for a, b in zip(per_row[2], shared[2]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert max(g.abs().max().item() for g in shared[2]) > 0
+
+
+def test_collate_groups_encodes_each_prompt_once(tiny, prompts):
+    """Three prompts x G 4 with T = 5: one sequence per prompt of (longest prompt + 4 x 5)
+    columns, not 12 rows of (prompt + 5); the image patches are in the batch once per prompt."""
+    model, _, tokens = tiny
+    rows = [p for p in prompts for _ in range(4)]
+    ids = torch.full((12, 5), 20)
+    inputs, gather = sampler.collate_groups(model, rows, tokens, ids, torch.ones(12, 5))
+    longest = max(len(p.input_ids) for p in prompts)
+    assert inputs["input_ids"].shape == (3, longest + 20)
+    assert inputs["attention_mask"].shape == (3, 1, longest + 20, longest + 20)
+    assert inputs["pixel_values"].shape[0] == sum(p.pixel_values.shape[0] for p in prompts)
+    # row 5 = prompt 1's second completion: token 0 is predicted by the prompt's last column,
+    # token t by the slot's column t - 1 (slot 1 starts at longest + 5)
+    assert gather[5].tolist() == [(longest + 20) + longest - 1] + [
+        (longest + 20) + longest + 5 + t for t in range(4)]
+    # a completion never sees another completion of its group
+    mask = inputs["attention_mask"][1, 0]
+    slot0, slot1 = slice(longest, longest + 5), slice(longest + 5, longest + 10)
+    assert not mask[slot1, slot0].any() and mask[slot1, :longest].any()
 
 
 def _perturbed_reference(model):
