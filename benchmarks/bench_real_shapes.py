@@ -317,7 +317,8 @@ def run_case(model, reference, optimizer, *, config, ids, side, new_tokens, args
                             image_token_id=ids["image_pad"])
     cfg = ReasonerConfig(group_size=args.group_size, prompts_per_step=args.prompts,
                          updates_per_step=1, micro_batch_size=args.micro_batch_size,
-                         max_new_tokens=new_tokens, kl_coef=0.01 if reference else 0.0)
+                         max_new_tokens=new_tokens, kl_coef=0.01 if reference else 0.0,
+                         shared_prefix=args.shared_prefix)
     sampling = sampler.Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_new_tokens=new_tokens)
     rewards = (torch.arange(args.prompts * args.group_size) % 2).float()  # varies in each group
@@ -443,6 +444,9 @@ def parse_args(argv):
                         help="recompute each block in backward (default: on, off for tiny)")
     parser.add_argument("--reference", action="store_true",
                         help="a frozen bf16 reference and kl_coef 0.01 (default: kl_coef 0)")
+    parser.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                        help="training forwards encode each prompt once for its G completions "
+                             "(--no-shared-prefix: one row per completion, to compare)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs after a warm-up")
     parser.add_argument("--predict-only", action="store_true",
@@ -506,7 +510,8 @@ def main(argv=None):
     command = "python benchmarks/bench_real_shapes.py " + shlex.join(argv)
     reference = "on (kl_coef 0.01)" if args.reference else "off"
     settings = (f"G {args.group_size}, micro-batch {args.micro_batch_size}, prefill tokens "
-                f"{args.prefill_tokens}, reference {reference}, {args.repeats} repeats")
+                f"{args.prefill_tokens}, reference {reference}, shared prefix "
+                f"{'on' if args.shared_prefix else 'off'}, {args.repeats} repeats")
     lines, rows, predicted_cases = [], [], []
     for shape in args.shape:
         config = build_config(shape)
