@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from vlm import VISION_TOKENS
 
@@ -259,6 +260,41 @@ def _prefill(model, prompts, tokens, prefill_tokens):
     return cache, torch.cat(logits), torch.cat(masks), torch.cat(positions, dim=1)
 
 
+class _InPlaceLayer(DynamicLayer):
+    """A KV cache layer with room for every token still to come, written in place (transformers'
+    DynamicLayer concatenates, copying the whole cache at every decode step)."""
+
+    def __init__(self, layer, room):
+        super().__init__()
+        batch, heads, length, dim = layer.keys.shape
+        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+        self.key_buffer = layer.keys.new_empty((batch, heads, length + room, dim))
+        self.value_buffer = layer.values.new_empty((batch, heads, length + room, dim))
+        self.key_buffer[:, :, :length] = layer.keys
+        self.value_buffer[:, :, :length] = layer.values
+        self.length = length
+        self._views()
+
+    def _views(self):
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[-2]
+        self.key_buffer[:, :, self.length:self.length + new] = key_states
+        self.value_buffer[:, :, self.length:self.length + new] = value_states
+        self.length += new
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.length
+
+    def batch_select_indices(self, indices):
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._views()
+
+
 @torch.no_grad()
 def sample(model, prompts, *, group_size, sampling, tokens, generator=None, prefill_tokens=None):
     """Sample `group_size` completions for each prompt with a shared-prefix KV cache.
@@ -266,8 +302,11 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
     Steps: (1) prefill all prompts once, vision tower included (`prefill_tokens` padded tokens per
     forward at most); (2) repeat each prompt's cache and last logits G times; (3) decode all rows
     together, one token per step, positions continuing the prompt's multimodal rope; (4) a row that
-    emits EOS is finished and leaves the batch (its cache rows are dropped), so the step cost
-    follows the rows still running.
+    emits EOS is finished; the cache keeps its rows (dropping rows copies the whole cache) until
+    half of them are finished, then drops them at once, so the step cost follows the rows still
+    running. The KV cache has room for every new token from the start and each step writes into
+    it in place. Tokens are drawn for the running rows only, in order, so what a seed samples
+    does not depend on when finished rows are dropped.
     Returns a `Rollout` with N = len(prompts) * group_size rows.
     """
     device = _device(model)
@@ -280,30 +319,40 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
 
     n_rows = len(prompts) * group_size
     width = sampling.max_new_tokens
+    cache.layers = [_InPlaceLayer(layer, width) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    prompt_width = attention_mask.shape[1]
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones((n_rows, width))], dim=1)
     completion = torch.full((n_rows, width), tokens.pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n_rows, width), device=device)
     mask = torch.zeros((n_rows, width), device=device)
-    eos = torch.tensor(tokens.eos_ids, device=device)
-    active = torch.arange(n_rows, device=device)  # rows still decoding, in cache order
+    eos = torch.tensor(tokens.eos_ids, dtype=torch.long, device=device)
+    banned = torch.tensor(tokens.banned_ids, dtype=torch.long, device=device)
+    rows = torch.arange(n_rows, device=device)  # the rollout row of each cache row
+    running = torch.ones(n_rows, dtype=torch.bool, device=device)  # per cache row
     length = 0
     for step in range(width):
-        token, token_logprob = next_token(logits, sampling, tokens.banned_ids, generator)
-        completion[active, step] = token
-        logprobs[active, step] = token_logprob
-        mask[active, step] = 1.0
+        live = running.nonzero().squeeze(-1)
+        token, token_logprob = next_token(logits[live], sampling, banned, generator)
+        completion[rows[live], step] = token
+        logprobs[rows[live], step] = token_logprob
+        mask[rows[live], step] = 1.0
         length = step + 1
-        running = ~torch.isin(token, eos)
-        if step == width - 1 or not running.any():
+        running[live[torch.isin(token, eos)]] = False
+        still = int(running.sum())
+        if step == width - 1 or still == 0:
             break
-        if not running.all():
+        step_input = torch.full((len(rows),), tokens.pad_id, dtype=torch.long, device=device)
+        step_input[live] = token  # finished rows keep decoding padding until they are dropped
+        if still <= len(rows) // 2:  # drop the finished rows, all at once
             keep = running.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            active, token, attention_mask = active[keep], token[keep], attention_mask[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))],
-                                   dim=1)
-        position = (next_position[active] + step).view(1, -1, 1).expand(3, -1, 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
+            rows, running, step_input = rows[keep], running[keep], step_input[keep]
+            attention_mask = attention_mask[keep]
+        position = (next_position[rows] + step).view(1, -1, 1).expand(3, -1, 1)
+        out = model(input_ids=step_input[:, None],
+                    attention_mask=attention_mask[:, :prompt_width + step + 1],
+                    position_ids=position, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     return Rollout(prompt_index, completion[:, :length], mask[:, :length], logprobs[:, :length])

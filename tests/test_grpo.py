@@ -425,6 +425,55 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny, prompts, truncation):
     assert torch.equal(greedy.completion_ids[0::2], greedy.completion_ids[1::2])
 
 
+@torch.no_grad()
+def _sample_dropping_rows_every_step(model, prompts, group_size, sampling, tokens, generator):
+    """The slow obvious decode: transformers' own growing cache (a concatenation per step) and
+    finished rows dropped from it at every step; tokens drawn for the running rows, in order."""
+    cache, logits, attention_mask, position_ids = sampler._prefill(model, prompts, tokens, None)
+    cache.batch_repeat_interleave(group_size)
+    logits = logits.repeat_interleave(group_size, dim=0)
+    attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
+    next_position = position_ids.amax(dim=(0, 2)).repeat_interleave(group_size) + 1
+    n = len(prompts) * group_size
+    ids = torch.full((n, sampling.max_new_tokens), tokens.pad_id)
+    logprobs = torch.zeros(ids.shape)
+    active = torch.arange(n)
+    for step in range(sampling.max_new_tokens):
+        token, token_logprob = next_token(logits, sampling, tokens.banned_ids, generator)
+        ids[active, step], logprobs[active, step] = token, token_logprob
+        running = ~torch.isin(token, torch.tensor(tokens.eos_ids))
+        if step == sampling.max_new_tokens - 1 or not running.any():
+            break
+        keep = running.nonzero().squeeze(-1)
+        cache.batch_select_indices(keep)
+        active, token, attention_mask = active[keep], token[keep], attention_mask[keep]
+        attention_mask = torch.cat([attention_mask, torch.ones(len(active), 1, dtype=torch.long)],
+                                   dim=1)
+        position = (next_position[active] + step).view(1, -1, 1).expand(3, -1, 1)
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask,
+                       position_ids=position, past_key_values=cache, use_cache=True).logits[:, -1]
+    return ids, logprobs
+
+
+def test_in_place_cache_and_late_row_dropping_sample_the_same_tokens(tiny, prompts):
+    """Decode writes its KV cache in place and drops finished rows only when half of them are
+    finished: the tokens a seed samples are exactly those of the slow decode (a concatenated
+    cache, finished rows dropped at every step), and their log-probs agree to fp32 rounding.
+    ~100 ordinary ids end a row, so rows end at many different steps."""
+    model, _, tokens = tiny
+    eos_tokens = with_common_eos(tokens)
+    sampling = Sampling(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=12)
+    fast = sample(model, prompts, group_size=4, sampling=sampling, tokens=eos_tokens,
+                  generator=torch.Generator().manual_seed(21))
+    slow_ids, slow_logprobs = _sample_dropping_rows_every_step(
+        model, prompts, 4, sampling, eos_tokens, torch.Generator().manual_seed(21))
+    lengths = check_row_structure(fast, eos_tokens, 12)
+    assert len(set(lengths)) > 3  # rows ended at several different steps
+    width = fast.completion_ids.shape[1]
+    assert torch.equal(fast.completion_ids, slow_ids[:, :width])
+    assert masked_max_abs(fast.logprobs, slow_logprobs[:, :width], fast.completion_mask) <= 1e-5
+
+
 def test_sampling_is_seeded(tiny, prompts):
     """Same generator seed -> identical samples; another seed -> different samples."""
     model, _, tokens = tiny
