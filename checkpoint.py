@@ -11,10 +11,14 @@ checkpoint and never reads a torn one. Everything random in a step derives from 
 (`run.seed_for`), so model + optimizer + step number reproduce the uninterrupted run; the RNG
 states are restored as well for code that draws from the global generators.
 The temporary folder is shared by every rank, so it is made and renamed by rank 0 around the
-ranks' writes (`data.move_into_place`) rather than with `data.atomic_path`.
+ranks' writes (`data.move_into_place`, which fsyncs every file first) rather than with
+`data.atomic_path`. A checkpoint counts only when it is whole (`complete`: its meta.json, every
+byte its DCP metadata points to, every rank's RNG file); a torn one (a power loss, a disk that
+filled up) is skipped with a warning that names it, for the previous one or the stage's start.
 """
 
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +35,7 @@ import distributed
 from data import move_into_place
 
 _STEP = re.compile(r"^step_(\d+)$")
+log = logging.getLogger("visplay")
 
 
 def _rng_states():
@@ -47,17 +52,44 @@ def _set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def complete(path):
+    """Why the checkpoint folder `path` cannot be loaded, or None when it is whole: meta.json,
+    the DCP metadata, every byte range of every data file it names, and each rank's RNG file."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        stored = dcp.FileSystemReader(path).read_metadata().storage_data.values()
+    except (OSError, ValueError, EOFError, RuntimeError) as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+    for item in stored:
+        data = os.path.join(path, item.relative_path)
+        if not os.path.isfile(data) or os.path.getsize(data) < item.offset + item.length:
+            return f"data file {item.relative_path} missing or truncated"
+    for rank in range(meta.get("world_size", 1)):
+        if not os.path.isfile(os.path.join(path, f"rng_rank{rank}.pt")):
+            return f"rng_rank{rank}.pt missing"
+    return None
+
+
 def latest(folder):
-    """(step, path) of the newest complete checkpoint in `folder`, or None. Ignores `.tmp`
-    folders and folders without meta.json."""
+    """(step, path) of the newest whole checkpoint in `folder`, or None. An unfinished `.tmp`
+    folder is ignored and a torn checkpoint skipped, each with a warning naming it."""
     if not os.path.isdir(folder):
         return None
-    steps = [int(m.group(1)) for name in os.listdir(folder) if (m := _STEP.match(name))
-             and os.path.isfile(os.path.join(folder, name, "meta.json"))]
-    if not steps:
-        return None
-    step = max(steps)
-    return step, os.path.join(folder, f"step_{step:06d}")
+    names = sorted(os.listdir(folder), reverse=True)
+    for name in names:
+        if name.endswith(".tmp"):
+            log.warning("discarding an unfinished checkpoint: %s", os.path.join(folder, name))
+    for name in names:  # newest first
+        if (m := _STEP.match(name)) is None:
+            continue
+        path = os.path.join(folder, name)
+        problem = complete(path)
+        if problem is None:
+            return int(m.group(1)), path
+        log.warning("skipping checkpoint %s: %s; falling back to the one before it (or the "
+                    "stage's start)", path, problem)
+    return None
 
 
 def save(folder, step, model, optimizer, *, keep=1):
@@ -80,10 +112,11 @@ def save(folder, step, model, optimizer, *, keep=1):
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": step, "world_size": distributed.world_size()}, f)
         move_into_place(tmp, final)
-        for name in sorted(os.listdir(folder)):
-            m = _STEP.match(name)
-            if m and int(m.group(1)) < step - keep + 1 or name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        steps = sorted(int(m.group(1)) for name in os.listdir(folder) if (m := _STEP.match(name)))
+        stale = [f"step_{old:06d}" for old in steps[:-keep]]  # all but the newest `keep`
+        stale += [name for name in os.listdir(folder) if name.endswith(".tmp")]  # killed writes
+        for name in stale:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
     distributed.barrier()
 
 
@@ -107,7 +140,16 @@ def load(path, model, optimizer):
 
 
 def remove(folder):
-    """Delete a finished stage's checkpoints (its save_pretrained export replaces them)."""
+    """Delete a finished stage's checkpoints (its save_pretrained export replaces them), and the
+    checkpoints/ folder once it is empty. The folder is first renamed away, in one step, so a kill
+    during the deletion never leaves a half-deleted checkpoint where `latest` would find it."""
     if distributed.is_main():
-        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.isdir(folder):
+            doomed = folder + ".removed"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        parent = os.path.dirname(folder)
+        if os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)
     distributed.barrier()

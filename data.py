@@ -183,17 +183,19 @@ def atomic_path(path):
 def move_into_place(tmp, path):
     """Rename a finished file or folder `tmp` to `path`, replacing what is there.
 
-    A file is fsynced first, so a power loss cannot leave a renamed but empty file. A folder that
-    already exists at `path` is first moved aside to `path.old` (a folder cannot be renamed over a
-    non-empty one), then deleted.
+    The file, or every file of the folder and the folder itself, is fsynced first, and the parent
+    folder after the rename, so a power loss cannot leave a renamed but empty or torn file. A folder
+    that already exists at `path` is first moved aside to `path.old` (a folder cannot be renamed
+    over a non-empty one), then deleted.
     """
     path = os.path.normpath(path)
-    if os.path.isfile(tmp):
-        descriptor = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    if os.path.isdir(tmp):
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(folder, name))
+            _fsync(folder)
+    elif os.path.isfile(tmp):
+        _fsync(tmp)
     if os.path.isdir(tmp) and os.path.exists(path):
         old = path + ".old"
         _remove(old)
@@ -202,6 +204,16 @@ def move_into_place(tmp, path):
         _remove(old)
     else:
         os.replace(tmp, path)
+    _fsync(os.path.dirname(path) or ".")
+
+
+def _fsync(path):
+    """Flush a file's (or a folder's entries') writes to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _remove(path):

@@ -17,7 +17,9 @@ bookkeeping and part files. `visplay.py` holds the algorithm; this module what i
 
 import gc
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 import zlib
@@ -34,6 +36,8 @@ from distributed import gathered, is_sharded, load_into_shards, shard_model
 from grpo import FORWARD_METHODS
 from sampler import Limits
 from vlm import check_model_dir, load_vlm, save_vlm
+
+log = logging.getLogger("visplay")
 
 
 def seed_for(seed, *parts):
@@ -81,6 +85,19 @@ def check_sources(cfg):
     return image_paths, benchmarks
 
 
+def _first_difference(old, new, prefix=""):
+    """(dotted key, old value, new value) of the first leaf where two config dicts differ."""
+    for key in list(new) + [k for k in old if k not in new]:
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
 class Run:
     """Everything a stage needs besides its own inputs. Construct on every rank."""
 
@@ -123,6 +140,8 @@ class Run:
         the first time, then found by every rank."""
         import toyworld
 
+        if os.path.isdir(self.path("embedded", "base")):
+            log.info("reusing the embedded world built earlier in %s", self.path("embedded"))
         if distributed.is_main():
             world = toyworld.build_embedded(self.path("embedded"), self.cfg.seed)
         distributed.barrier()
@@ -157,20 +176,35 @@ class Run:
         return os.path.join(self.dir, *names)
 
     def check_config(self):
-        """Save the resolved config; refuse to resume a run directory made with another config."""
+        """Save the resolved config; refuse to resume a run directory made with another config.
+
+        What may change on a rerun: how long it runs (iterations), where and how it runs (run_dir,
+        device, timeout_minutes, save_every), and eval.* while no evaluation was written with the
+        old one. Anything else would make the finished stages disagree with config.yaml."""
         path = self.path("config.yaml")
         current = config_to_dict(self.cfg)
         if os.path.exists(path):
             with open(path) as f:
-                previous = yaml.safe_load(f)
-            for section in current:
-                if section in ("iterations", "eval", "save_every"):
-                    continue
-                if previous.get(section) != current[section]:
-                    raise ConfigError(
-                        f"run_dir {self.dir!r} holds a run made with a different {section!r} "
-                        "setting; use another run_dir (--set run_dir=...) or delete that folder "
-                        "to start over")
+                previous = yaml.safe_load(f) or {}
+            free = ("iterations", "run_dir", "device", "timeout_minutes", "save_every", "eval")
+            changed = _first_difference({k: v for k, v in previous.items() if k not in free},
+                                        {k: v for k, v in current.items() if k not in free})
+            if changed is not None:
+                key, old, new = changed
+                raise ConfigError(
+                    f"{key}: run_dir {self.dir!r} holds a run made with {key} = {old!r}, this "
+                    f"config has {new!r}; use another run_dir (--set run_dir=...) or delete that "
+                    "folder to start over")
+            changed = _first_difference({"eval": previous.get("eval")},
+                                        {"eval": current["eval"]})
+            evaluated = sorted(name for name in os.listdir(self.dir)
+                               if re.fullmatch(r"eval_v\d+\.json", name))
+            if changed is not None and evaluated:
+                key, old, new = changed
+                raise ConfigError(
+                    f"{key}: {', '.join(evaluated)} in {self.dir!r} were made with {key} = "
+                    f"{old!r}, this config has {new!r}; evaluate the checkpoints with eval.py, "
+                    "or use another run_dir")
         if distributed.is_main():
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 yaml.safe_dump(current, f, sort_keys=False)
@@ -310,12 +344,34 @@ class Run:
         missing = [c for c in range(chunks) if not os.path.exists(part(c))] \
             if distributed.is_main() else []
         missing = distributed.all_gather_list(missing)
+        if len(missing) < chunks:
+            log.info("%s: reusing %d of %d finished parts from %s", os.path.basename(out_path),
+                     chunks - len(missing), chunks, folder)
         for chunk in missing[distributed.rank()::distributed.world_size()]:
             write_jsonl(part(chunk), work(chunk))
         distributed.barrier()
         if not distributed.is_main():
             return None
         return [row for chunk in range(chunks) for row in read_jsonl(part(chunk))]
+
+    def clean_leftovers(self, iteration):
+        """Remove what a kill can leave behind a finished stage of this iteration: the part files
+        of an output already merged, the checkpoints of a stage already exported (and the
+        checkpoints/ folder once empty). A rerun skips such a stage, so nothing else would."""
+        if distributed.is_main():
+            i = iteration
+            for done, leftover in [(f"questions_v{i}.jsonl", f"questions_v{i}.jsonl.parts"),
+                                   (f"kept_v{i}.jsonl", f"labeled_v{i}.jsonl.parts"),
+                                   (f"questioner_v{i}", f"checkpoints/questioner_v{i}"),
+                                   (f"reasoner_v{i}", f"checkpoints/reasoner_v{i}")]:
+                for path in (self.path(leftover), self.path(leftover) + ".removed"):
+                    if os.path.exists(self.path(done)) and os.path.exists(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                        log.info("removed %s, left by an interrupted run", path)
+            folder = self.path("checkpoints")
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        distributed.barrier()
 
     def done_parts(self, out_path):
         if distributed.is_main():

@@ -419,6 +419,8 @@ def run_loop(cfg):
     if not os.path.exists(run.path("eval_v0.json")):
         evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
         free_memory()
+    else:
+        log.info("[iter 0] eval_v0.json exists: the base's evaluation is reused")
     summaries = [iteration_summary(run.dir, 0)]
     for i in range(1, cfg.iterations + 1):
         questioner_before = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
@@ -446,6 +448,7 @@ def run_loop(cfg):
                 continue
             stage(out)
             free_memory()  # the stage's models, before the next stage loads its own
+        run.clean_leftovers(i)
         summaries.append(iteration_summary(run.dir, i))
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)

@@ -346,6 +346,42 @@ def test_torn_checkpoints_are_ignored(tiny_model_dir, tmp_path):
     assert checkpoint.latest(str(tmp_path)) == (2, str(tmp_path / "step_000002"))
 
 
+@pytest.mark.parametrize("tear", ["truncated data", "missing data", "missing rng",
+                                  "garbled meta"])
+def test_torn_checkpoint_falls_back_with_a_warning_naming_it(tiny_model_dir, tmp_path, caplog,
+                                                             tear):
+    """A checkpoint renamed into place but torn afterwards (power loss, a full disk) is skipped
+    for the one before it, with a warning that names the folder and what is wrong."""
+    model, _ = load_vlm(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    checkpoint.save(str(tmp_path), 2, model, optimizer, keep=2)
+    checkpoint.save(str(tmp_path), 4, model, optimizer, keep=2)
+    newest = tmp_path / "step_000004"
+    data = sorted(newest.glob("*.distcp"))[0]
+    if tear == "truncated data":
+        data.write_bytes(data.read_bytes()[:100])
+    elif tear == "missing data":
+        data.unlink()
+    elif tear == "missing rng":
+        (newest / "rng_rank0.pt").unlink()
+    else:
+        (newest / "meta.json").write_text("{not json")
+    caplog.set_level("WARNING", logger="visplay")
+    assert checkpoint.latest(str(tmp_path)) == (2, str(tmp_path / "step_000002"))
+    warnings = [r.message for r in caplog.records if "skipping checkpoint" in r.message]
+    assert len(warnings) == 1 and str(newest) in warnings[0]
+    assert checkpoint.complete(str(tmp_path / "step_000002")) is None
+
+
+def test_removed_checkpoints_leave_no_folder(tiny_model_dir, tmp_path):
+    model, _ = load_vlm(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stage = tmp_path / "checkpoints" / "reasoner_v1"
+    checkpoint.save(str(stage), 1, model, optimizer)
+    checkpoint.remove(str(stage))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 # ----------------------------------------------------------------------------- kill and resume
 
 
@@ -370,11 +406,15 @@ def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-@pytest.mark.parametrize("kill_when", ["questioner_v1/step_000002", "reasoner_v1/step_000003"])
-def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, format_model_dir, image_dir,
+@pytest.mark.parametrize("kill_when, torn", [("questioner_v1/step_000002", False),
+                                             ("reasoner_v1/step_000003", False),
+                                             ("reasoner_v1/step_000002", True)])
+def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_model_dir, image_dir,
                                                       benchmark_file, tmp_path):
     """SIGKILL the run once a checkpoint exists inside a GRPO stage; the rerun resumes from it and
-    ends with exactly (bitwise) the weights and files of an uninterrupted run."""
+    ends with exactly (bitwise) the weights and files of an uninterrupted run. Torn: the newest
+    checkpoint's data is then truncated; the rerun skips it (the only one: keep 1) and redoes the
+    stage from its start, to the same end."""
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     done = _run_cli(_tiny_run(clean, format_model_dir, image_dir, benchmark_file))
     process = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
@@ -386,10 +426,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, format_model_di
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not os.path.exists(os.path.join(killed, "reasoner_v1"))  # it really died mid-run
+    if torn:  # and a power loss tore the newest checkpoint's data: the stage starts over
+        stage = os.path.join(killed, "checkpoints", kill_when.split("/")[0])
+        _, newest = checkpoint.latest(stage)
+        for name in os.listdir(newest):
+            if name.endswith(".distcp"):
+                with open(os.path.join(newest, name), "r+b") as f:
+                    f.truncate(64)
     assert done.wait() == 0, done.stderr.read().decode()[-2000:]
     resumed = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
-    assert "resumed from" in resumed.stderr.read().decode()
+    log = resumed.stderr.read().decode()
+    assert ("skipping checkpoint" in log and "resumed from" not in log) if torn \
+        else "resumed from" in log
     for checkpoint_dir in ("questioner_v1", "reasoner_v1"):
         a, b = (_weights(os.path.join(clean, checkpoint_dir)),
                 _weights(os.path.join(killed, checkpoint_dir)))

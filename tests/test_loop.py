@@ -99,9 +99,59 @@ def test_rerun_redoes_only_missing_stages(finished_run, caplog):
 
 
 def test_rerun_with_another_config_is_refused(finished_run):
+    """One line naming the key, its old and its new value."""
     run_dir, overrides, _ = finished_run
-    with pytest.raises(ConfigError, match="different 'questioner' setting"):
+    with pytest.raises(ConfigError) as error:
         visplay.run_loop(load_config("config.yaml", overrides + ["questioner.lr=0.5"]))
+    message = str(error.value)
+    assert message.startswith("questioner.lr: run_dir ") and "\n" not in message
+    assert "questioner.lr = 0.0001, this config has 0.5" in message
+
+
+def test_rerun_with_changed_eval_settings_is_refused_once_evaluations_exist(finished_run):
+    """eval_v*.json were made with the old eval settings: accepting new ones would leave
+    config.yaml describing evaluations it did not make."""
+    run_dir, overrides, _ = finished_run
+    with pytest.raises(ConfigError) as error:
+        visplay.run_loop(load_config("config.yaml", overrides + ["eval.max_new_tokens=20"]))
+    message = str(error.value)
+    assert message.startswith("eval.max_new_tokens: eval_v0.json, eval_v1.json in ")
+    assert "eval.max_new_tokens = 12, this config has 20" in message
+
+
+def test_rerun_through_another_spelling_of_run_dir_resumes(finished_run, caplog):
+    """A trailing slash (or a moved or copied run directory) is the same run."""
+    run_dir, overrides, summaries = finished_run
+    caplog.set_level("INFO", logger="visplay")
+    again = visplay.run_loop(load_config("config.yaml", overrides + [f"run_dir={run_dir}/"]))
+    assert again == summaries
+    assert sum("stage skipped" in r.message for r in caplog.records) == 5
+    assert any("eval_v0.json exists" in r.message for r in caplog.records)
+
+
+def test_rerun_removes_what_a_kill_left_behind_finished_stages(finished_run, caplog):
+    """Kill windows, recreated by hand: between writing questions_v1.jsonl (or kept_v1.jsonl) and
+    removing its parts; after an export, while its checkpoints were being deleted (a step folder
+    whose meta.json is there but not its data, and a folder renamed away). The rerun skips the
+    finished stages, removes all of it, and leaves no checkpoints/ folder."""
+    run_dir, overrides, summaries = finished_run
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))  # a finished run has none
+    debris = [os.path.join(run_dir, "questions_v1.jsonl.parts"),
+              os.path.join(run_dir, "labeled_v1.jsonl.parts"),
+              os.path.join(run_dir, "checkpoints", "reasoner_v1", "step_000002"),
+              os.path.join(run_dir, "checkpoints", "questioner_v1.removed", "step_000001")]
+    for folder in debris:
+        os.makedirs(folder)
+    with open(os.path.join(debris[0], "000000.jsonl"), "w") as f:
+        f.write('{"raw": "left over"}\n')
+    with open(os.path.join(debris[2], "meta.json"), "w") as f:
+        f.write('{"step": 2, "world_size": 1}')
+    caplog.set_level("INFO", logger="visplay")
+    assert visplay.run_loop(load_config("config.yaml", overrides)) == summaries
+    for folder in debris:
+        assert not os.path.exists(folder), folder
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    assert sum("left by an interrupted run" in r.message for r in caplog.records) == 4
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, image_dir):
