@@ -276,9 +276,9 @@ class Run:
         try:
             yield model
         finally:
-            if parked:
+            if parked:  # its GPU blocks back to the allocator; no collection needed (no cycle)
                 model.to("cpu")
-                free_memory()
+                torch.cuda.empty_cache()
 
     def autocast(self):
         """bf16 compute for the fp32 policy in one process when model.dtype is bfloat16 (under

@@ -130,6 +130,19 @@ class RolloutBatch:
     metrics: dict                 # the role's own metrics, seconds sampling and scoring
 
 
+def policy_rollout(run, iteration, role, step, *, policy, processor, tokens, prompts):
+    """G completions per prompt from a role's policy with its stage's sampling settings, and
+    their texts: the rollout of one GRPO step."""
+    settings = getattr(run.cfg, role)
+    sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
+                        settings.max_new_tokens)
+    with gathered(policy):
+        sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
+                          tokens=tokens, limits=run.limits(settings.rollout_batch_size),
+                          generator=run.generator(iteration, role, step))
+    return sampled, decode(processor, sampled.completion_ids, sampled.completion_mask)
+
+
 def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, step):
     """Step 1's rollout batch: the questioner writes G questions per pool image; the frozen
     reasoner answers each valid one m times (`answer_votes`); a question's reward is the
@@ -140,13 +153,8 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
                    settings.prompts_per_step)
     images = run.pool.load_many(my_part(indices, blocks=settings.updates_per_step))
     prompts = [questioner_prompt(processor, image) for image in images]
-    sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
-                        settings.max_new_tokens)
-    with gathered(policy):
-        sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
-                          tokens=tokens, limits=run.limits(settings.rollout_batch_size),
-                          generator=run.generator(iteration, "questioner", step))
-    texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
+    sampled, texts = policy_rollout(run, iteration, "questioner", step, policy=policy,
+                                    processor=processor, tokens=tokens, prompts=prompts)
     questions = [parse_question(text) for text in texts]
     seconds_sampling = time.perf_counter() - started
 
@@ -195,13 +203,8 @@ def reasoner_batch(run, iteration, *, kept, order, policy, processor, tokens, st
     prompts = [reasoner_prompt(processor, load_image(row["image"], model_settings.min_pixels,
                                                      model_settings.max_pixels), row["question"])
                for row in rows]
-    sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
-                        settings.max_new_tokens)
-    with gathered(policy):
-        sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
-                          tokens=tokens, limits=run.limits(settings.rollout_batch_size),
-                          generator=run.generator(iteration, "reasoner", step))
-    texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
+    sampled, texts = policy_rollout(run, iteration, "reasoner", step, policy=policy,
+                                    processor=processor, tokens=tokens, prompts=prompts)
     seconds_sampling = time.perf_counter() - started
 
     started = time.perf_counter()
