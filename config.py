@@ -25,6 +25,7 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     kv_cache_gib: float | None = 16.0  # KV cache one sampling batch may hold, per process
     prefill_tokens: int | None = 32768  # padded prompt tokens per prefill forward
+    decode_check_every: int = 1       # decode steps between looks for finished rows (`sampler`)
 
 
 @dataclass
@@ -212,6 +213,7 @@ def _check(cfg):
          "must be > 0 or null (no bound)")
     need(model.prefill_tokens is None or model.prefill_tokens >= 1, "model.prefill_tokens",
          "must be >= 1 or null (no bound)")
+    need(model.decode_check_every >= 1, "model.decode_check_every", "must be >= 1")
     need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images",
          "must be >= 1 or null")
     for role in ("questioner", "reasoner"):

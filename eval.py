@@ -85,14 +85,14 @@ def grade_item(item, text, sampled_texts=None, judge=None):
 @torch.no_grad()
 def evaluate(model, processor, items, *, min_pixels, max_pixels, max_new_tokens=1024,
              batch_size=32, samples=0, seed=0, judge=None, report=None, progress=True,
-             kv_cache_gib=None, prefill_tokens=None):
+             kv_cache_gib=None, prefill_tokens=None, check_every=1):
     """Greedy answer per item (and, with samples=k > 0, k sampled answers at temperature 1), graded.
 
     Returns one `grade_item` row per item. Prompts are built and answered `batch_size` at a time,
     so only one batch of images is in memory. An item whose image fails to load is logged, skipped
     and counted in `report` (a Counter, optional) under "unreadable image". judge: see
     `grade_item`. progress: a tqdm bar over the items (drawn only on a terminal).
-    kv_cache_gib, prefill_tokens: the sampler's memory bounds (`sampler.Limits`).
+    kv_cache_gib, prefill_tokens, check_every: the sampler's `Limits`.
     """
     model.eval()
     tokens = special_tokens(processor, model)
@@ -117,7 +117,7 @@ def evaluate(model, processor, items, *, min_pixels, max_pixels, max_new_tokens=
             prompts.append(reasoner_prompt(processor, images, format_question(item)))
             kept.append(item)
         if prompts:
-            limits = Limits(len(prompts), kv_cache_gib, prefill_tokens)
+            limits = Limits(len(prompts), kv_cache_gib, prefill_tokens, check_every)
             texts = generate(model, processor, prompts, group_size=1, sampling=greedy,
                              tokens=tokens, limits=limits)
             votes = None

@@ -211,8 +211,11 @@ class Run:
 
     def limits(self, max_prompts):
         """The sampling `Limits` of a stage: at most `max_prompts` prompts per batch, and the
-        config's memory bounds (model.kv_cache_gib, model.prefill_tokens)."""
-        return Limits(max_prompts, self.cfg.model.kv_cache_gib, self.cfg.model.prefill_tokens)
+        config's memory bounds (model.kv_cache_gib, model.prefill_tokens) and
+        model.decode_check_every."""
+        model = self.cfg.model
+        return Limits(max_prompts, model.kv_cache_gib, model.prefill_tokens,
+                      model.decode_check_every)
 
     def generator(self, *parts):
         """A torch generator for one random choice; each rank draws its own stream."""

@@ -59,6 +59,7 @@ class Limits:
     max_prompts: int = 64               # prompts sampled together
     kv_cache_gib: float | None = None   # KV cache of the batch at full length; None: no bound
     prefill_tokens: int | None = None   # padded prompt tokens per prefill forward; None: no bound
+    check_every: int = 1                # decode steps between looks at which rows are finished
 
 
 @dataclass
@@ -179,11 +180,41 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     return inputs, gather
 
 
+TOP_P_CANDIDATES = 256  # top-p looks for its nucleus among this many most probable tokens first
+
+
+def _top_p_full_sort(kept, top_p):
+    """Keep the smallest prefix of the sorted distribution whose mass reaches top_p (mass
+    renormalised over the tokens `kept` holds, as vLLM and HF do); -inf elsewhere."""
+    sorted_logprobs, order = kept.sort(dim=-1, descending=True)
+    probs = sorted_logprobs.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logprobs[mass_before > top_p] = -math.inf
+    return torch.full_like(kept, -math.inf).scatter(-1, order, sorted_logprobs)
+
+
+def _top_p(kept, top_p, candidates):
+    """`_top_p_full_sort` without sorting the whole vocabulary when the nucleus lies within the
+    `candidates` most probable tokens (top-k's, or the TOP_P_CANDIDATES largest): their mass is
+    measured against the full normaliser, and the full sort runs only if some row's candidates
+    hold less than top_p of the mass (then the nucleus may reach past them)."""
+    if candidates >= kept.shape[-1]:
+        return _top_p_full_sort(kept, top_p)
+    values, order = kept.topk(candidates, dim=-1)  # sorted, largest first
+    probs = (values - kept.logsumexp(dim=-1, keepdim=True)).exp()
+    mass = probs.cumsum(dim=-1)
+    if not bool((mass[:, -1] > top_p).all()):  # the candidate after the last one may be needed
+        return _top_p_full_sort(kept, top_p)
+    values = values.masked_fill(mass - probs > top_p, -math.inf)
+    return torch.full_like(kept, -math.inf).scatter(-1, order, values)
+
+
 def next_token(logits, sampling, banned_ids, generator):
     """Pick one token per row. logits [n, V] -> (tokens [n], their log-probs [n]).
 
     The recorded log-prob is under the temperature-scaled policy before top-p / top-k truncation,
-    which is what `grpo.completion_logprobs` recomputes (the usual GRPO convention).
+    which is what `grpo.completion_logprobs` recomputes (the usual GRPO convention). Top-p is
+    applied after top-k, renormalised over what top-k keeps.
     """
     logits = logits.float()
     logits[:, banned_ids] = -math.inf
@@ -193,17 +224,12 @@ def next_token(logits, sampling, banned_ids, generator):
     if sampling.temperature == 0:
         token = logprobs.argmax(dim=-1)
     else:
-        kept = logprobs.clone()
+        kept = logprobs
         if sampling.top_k > 0:
             kth = kept.topk(min(sampling.top_k, kept.shape[-1]), dim=-1).values[:, -1:]
-            kept[kept < kth] = -math.inf
+            kept = kept.masked_fill(kept < kth, -math.inf)
         if sampling.top_p < 1:
-            sorted_logprobs, order = kept.sort(dim=-1, descending=True)
-            probs = sorted_logprobs.softmax(dim=-1)  # renormalised after top-k, as vLLM and HF do
-            # keep the smallest prefix whose mass reaches top_p
-            mass_before = probs.cumsum(dim=-1) - probs
-            sorted_logprobs[mass_before > sampling.top_p] = -math.inf
-            kept = torch.full_like(kept, -math.inf).scatter(-1, order, sorted_logprobs)
+            kept = _top_p(kept, sampling.top_p, sampling.top_k or TOP_P_CANDIDATES)
         token = torch.multinomial(kept.softmax(dim=-1), 1, generator=generator).squeeze(-1)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
@@ -296,7 +322,8 @@ class _InPlaceLayer(DynamicLayer):
 
 
 @torch.no_grad()
-def sample(model, prompts, *, group_size, sampling, tokens, generator=None, prefill_tokens=None):
+def sample(model, prompts, *, group_size, sampling, tokens, generator=None, prefill_tokens=None,
+           check_every=1):
     """Sample `group_size` completions for each prompt with a shared-prefix KV cache.
 
     Steps: (1) prefill all prompts once, vision tower included (`prefill_tokens` padded tokens per
@@ -305,8 +332,12 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
     emits EOS is finished; the cache keeps its rows (dropping rows copies the whole cache) until
     half of them are finished, then drops them at once, so the step cost follows the rows still
     running. The KV cache has room for every new token from the start and each step writes into
-    it in place. Tokens are drawn for the running rows only, in order, so what a seed samples
-    does not depend on when finished rows are dropped.
+    it in place.
+    check_every: decode steps between looks at which rows are finished (each look waits for the
+    device). With 1, tokens are drawn for the running rows only, in order, so what a seed samples
+    does not depend on when finished rows are dropped. With more, every cache row draws at every
+    step and a finished row's draws are discarded: the device never waits within those steps,
+    and a seed's samples depend on check_every (greedy decoding does not).
     Returns a `Rollout` with N = len(prompts) * group_size rows.
     """
     device = _device(model)
@@ -330,30 +361,37 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
     banned = torch.tensor(tokens.banned_ids, dtype=torch.long, device=device)
     rows = torch.arange(n_rows, device=device)  # the rollout row of each cache row
     running = torch.ones(n_rows, dtype=torch.bool, device=device)  # per cache row
-    length = 0
     for step in range(width):
-        live = running.nonzero().squeeze(-1)
+        # the cache rows that draw a token
+        live = running.nonzero().squeeze(-1) if check_every == 1 else torch.arange(
+            len(rows), device=device)
         token, token_logprob = next_token(logits[live], sampling, banned, generator)
+        drawing = running[live]  # all True when check_every is 1
+        token = torch.where(drawing, token, tokens.pad_id)
         completion[rows[live], step] = token
-        logprobs[rows[live], step] = token_logprob
-        mask[rows[live], step] = 1.0
-        length = step + 1
-        running[live[torch.isin(token, eos)]] = False
-        still = int(running.sum())
-        if step == width - 1 or still == 0:
+        logprobs[rows[live], step] = torch.where(drawing, token_logprob, 0.0)
+        mask[rows[live], step] = drawing.float()
+        running[live] = drawing & ~torch.isin(token, eos)
+        if step == width - 1:
             break
         step_input = torch.full((len(rows),), tokens.pad_id, dtype=torch.long, device=device)
         step_input[live] = token  # finished rows keep decoding padding until they are dropped
-        if still <= len(rows) // 2:  # drop the finished rows, all at once
-            keep = running.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            rows, running, step_input = rows[keep], running[keep], step_input[keep]
-            attention_mask = attention_mask[keep]
+        if (step + 1) % check_every == 0:
+            still = int(running.sum())
+            if still == 0:
+                break
+            if still <= len(rows) // 2:  # drop the finished rows, all at once
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, running, step_input = rows[keep], running[keep], step_input[keep]
+                attention_mask = attention_mask[keep]
         position = (next_position[rows] + step).view(1, -1, 1).expand(3, -1, 1)
         out = model(input_ids=step_input[:, None],
                     attention_mask=attention_mask[:, :prompt_width + step + 1],
                     position_ids=position, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
+    # the last column any row sampled in (steps past every row's end are cut off)
+    length = int(mask.any(dim=0).nonzero().max()) + 1
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     return Rollout(prompt_index, completion[:, :length], mask[:, :length], logprobs[:, :length])
 
@@ -394,7 +432,8 @@ def rollout(model, prompts, *, group_size, sampling, tokens, limits, generator=N
                            max_new_tokens=sampling.max_new_tokens, kv_bytes=kv_bytes,
                            limits=limits)
     parts = [sample(model, [prompts[i] for i in batch], group_size=group_size, sampling=sampling,
-                    tokens=tokens, generator=generator, prefill_tokens=limits.prefill_tokens)
+                    tokens=tokens, generator=generator, prefill_tokens=limits.prefill_tokens,
+                    check_every=limits.check_every)
              for batch in batches]
     return concat_rollouts(parts, tokens.pad_id, batches)
 

@@ -395,6 +395,7 @@ def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
                             batch_size=settings.batch_size, samples=settings.samples,
                             kv_cache_gib=model_settings.kv_cache_gib,
                             prefill_tokens=model_settings.prefill_tokens,
+                            check_every=model_settings.decode_check_every,
                             seed=seed_for(run.cfg.seed, "eval", distributed.rank()),
                             progress=distributed.is_main())
         results = distributed.all_gather_list(mine)

@@ -171,6 +171,7 @@ def test_wrong_type(tmp_path, text, key):
     ("reasoner:\n  betas: [0.9]\n", "reasoner.betas"),
     ("model:\n  dtype: float16\n", "model.dtype"),
     ("model:\n  min_pixels: 20000\n  max_pixels: 10000\n", "model.min_pixels"),
+    ("model:\n  decode_check_every: 0\n", "model.decode_check_every"),
     ("device: gpu\n", "device"),
     ("iterations: 0\n", "iterations"),
     ("data:\n  max_images: 0\n", "data.max_images"),

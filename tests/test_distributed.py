@@ -67,15 +67,15 @@ def _prompts(processor):
     return [encode_prompt(processor, image, text) for image, text in zip(_images(), texts)]
 
 
-def _config():
+def _config(shared_prefix=True):
     # grad_clip binds (the clipped norm is computed from every rank's shards), KL to a
     # reference is on
     return ReasonerConfig(prompts_per_step=4, group_size=2, updates_per_step=2, micro_batch_size=1,
                           lr=1.0, grad_clip=0.05, kl_coef=0.05, temperature=1.0,
-                          loss_agg="token-mean", logprob_chunk=3)
+                          loss_agg="token-mean", logprob_chunk=3, shared_prefix=shared_prefix)
 
 
-def _update(model_dir, prompts, sampled, rewards, sharded):
+def _update(model_dir, prompts, sampled, rewards, sharded, shared_prefix=True):
     """One train_step (2 optimizer updates) with SGD(lr=1): the parameter change is the gradient
     itself (Adam would turn rounding noise in a ~1e-9 gradient into a full lr-sized step, so equal
     Adam steps would not show equal gradients)."""
@@ -89,7 +89,8 @@ def _update(model_dir, prompts, sampled, rewards, sharded):
         shard_model(reference, mixed_precision=False, forward_methods=FORWARD_METHODS)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     metrics = train_step(model, reference, optimizer, prompts=prompts, sampled=sampled,
-                         rewards=rewards, tokens=special_tokens(processor, model), cfg=_config())
+                         rewards=rewards, tokens=special_tokens(processor, model),
+                         cfg=_config(shared_prefix))
     return model, metrics
 
 
@@ -119,6 +120,9 @@ def _update_worker(model_dir, folder):
 
 
 def test_one_grpo_update_under_fsdp2_equals_single_process(tiny_model_dir, tmp_path):
+    """One train_step (shared-prefix training forward) on 2 gloo ranks, 2 prompts each, equals one
+    process with one row per completion (the obvious forward), and one process with the shared
+    prefix: weights and metrics."""
     model, processor = load_vlm(tiny_model_dir)
     prompts = _prompts(processor)
     tokens = special_tokens(processor, model)
@@ -129,19 +133,24 @@ def test_one_grpo_update_under_fsdp2_equals_single_process(tiny_model_dir, tmp_p
                 "completion_mask": sampled.completion_mask, "logprobs": sampled.logprobs,
                 "rewards": rewards},
                tmp_path / "batch.pt")
-    single, single_metrics = _update(tiny_model_dir, prompts, sampled, rewards, sharded=False)
+    single, single_metrics = _update(tiny_model_dir, prompts, sampled, rewards, sharded=False,
+                                     shared_prefix=False)
+    shared, shared_metrics = _update(tiny_model_dir, prompts, sampled, rewards, sharded=False)
     spawn_two(_update_worker, tiny_model_dir, str(tmp_path))
     sharded = torch.load(tmp_path / "sharded.pt")
 
     before = model.state_dict()
     moved = 0
+    shared_state = shared.state_dict()
     for name, value in single.state_dict().items():
         assert torch.allclose(sharded["state"][name], value, atol=1e-5, rtol=0), name
+        assert torch.allclose(shared_state[name], value, atol=1e-5, rtol=0), name
         moved += not torch.equal(value, before[name])
     assert moved > 10  # the update changed the weights, so equality is not trivial
     for key in ("loss", "kl", "grad_norm", "reward_mean", "reward_std", "advantage_std",
                 "clip_frac_high", "response_length_mean", "entropy"):
         assert sharded["metrics"][key] == pytest.approx(single_metrics[key], abs=1e-5), key
+        assert shared_metrics[key] == pytest.approx(single_metrics[key], abs=1e-5), key
 
 
 # ----------------------------------------------------------------------------- gathered statistics

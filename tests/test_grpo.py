@@ -288,6 +288,45 @@ def test_next_token_top_p_after_top_k_renormalises():
     assert set(token.tolist()) == {0}
 
 
+def _next_token_sorting_everything(logits, sampling, banned_ids, generator):
+    """The obvious next_token: top-k by a threshold, then top-p by sorting the whole vocabulary."""
+    logits = logits.float()
+    logits[:, banned_ids] = -math.inf
+    logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    kept = logprobs.clone()
+    if sampling.top_k > 0:
+        kept[kept < kept.topk(sampling.top_k, dim=-1).values[:, -1:]] = -math.inf
+    if sampling.top_p < 1:
+        sorted_logprobs, order = kept.sort(dim=-1, descending=True)
+        probs = sorted_logprobs.softmax(dim=-1)
+        sorted_logprobs[probs.cumsum(dim=-1) - probs > sampling.top_p] = -math.inf
+        kept = torch.full_like(kept, -math.inf).scatter(-1, order, sorted_logprobs)
+    token = torch.multinomial(kept.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.99, 0), (0.95, 40), (0.5, 3), (1.0, 7)])
+def test_top_p_on_candidates_draws_what_sorting_the_vocabulary_draws(peaked, top_p, top_k,
+                                                                     monkeypatch):
+    """Top-p looks for its nucleus among the top-k (or TOP_P_CANDIDATES) most probable tokens and
+    sorts the whole vocabulary only when they hold less than top_p of the mass: same seed, same
+    tokens and log-probs as sorting everything, on 5000-token vocabularies whose nucleus fits the
+    candidates (peaked: logits of scale 10) or does not (flat: scale 0.5)."""
+    logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(3)) * (10 if peaked
+                                                                                  else 0.5)
+    sampling = Sampling(1.3, top_p, top_k, 1)
+    expected = [_next_token_sorting_everything(logits.clone(), sampling, [5, 9],
+                                               torch.Generator().manual_seed(seed))
+                for seed in range(5)]
+    if peaked or top_k or top_p == 1.0:  # the candidates hold the nucleus: no full sort
+        monkeypatch.setattr(sampler, "_top_p_full_sort", None)
+    for seed, (token, logprob) in enumerate(expected):
+        got = next_token(logits.clone(), sampling, [5, 9], torch.Generator().manual_seed(seed))
+        assert torch.equal(got[0], token)
+        assert torch.equal(got[1], logprob)
+
+
 # ----------------------------------------------------------------------------
 # Sampling with the shared-prefix cache vs the training forward
 
@@ -472,6 +511,35 @@ def test_in_place_cache_and_late_row_dropping_sample_the_same_tokens(tiny, promp
     width = fast.completion_ids.shape[1]
     assert torch.equal(fast.completion_ids, slow_ids[:, :width])
     assert masked_max_abs(fast.logprobs, slow_logprobs[:, :width], fast.completion_mask) <= 1e-5
+
+
+@pytest.mark.parametrize("check_every", [2, 5])
+def test_looking_for_finished_rows_every_few_steps(tiny, prompts, check_every):
+    """With finished rows looked for every few steps (no wait on the device in between): greedy
+    decoding gives exactly the tokens of looking every step; sampled rows still end at their first
+    EOS (pad and mask 0 after it, the rollout as wide as its longest row) with log-probs equal to
+    the training forward's, though finished rows kept drawing (and so the draws differ)."""
+    model, _, tokens = tiny
+    eos_tokens = with_common_eos(tokens)
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    every_step = sample(model, prompts, group_size=2, sampling=greedy, tokens=eos_tokens)
+    every_few = sample(model, prompts, group_size=2, sampling=greedy, tokens=eos_tokens,
+                       check_every=check_every)
+    assert torch.equal(every_few.completion_ids, every_step.completion_ids)
+    assert torch.equal(every_few.completion_mask, every_step.completion_mask)
+    assert masked_max_abs(every_few.logprobs, every_step.logprobs, every_step.completion_mask) \
+        <= 1e-5
+    sampling = Sampling(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=12)
+    result = sample(model, prompts, group_size=4, sampling=sampling, tokens=eos_tokens,
+                    generator=torch.Generator().manual_seed(21), check_every=check_every)
+    lengths = check_row_structure(result, eos_tokens, 12)
+    assert len(set(lengths)) > 3  # rows ended at several different steps
+    assert result.logprobs[result.completion_mask == 0].eq(0).all()
+    with torch.no_grad():
+        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
+                                               result.completion_ids, result.completion_mask,
+                                               tokens=eos_tokens, temperature=1.0, chunk_size=5)
+    assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
 def test_sampling_is_seeded(tiny, prompts):
