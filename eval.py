@@ -168,13 +168,15 @@ def judge_equivalent(question, reference, prediction, *, url, model, api_key=Non
 
 
 def summarize(results):
-    """Accuracy overall and per category (and pass@1 / majority@k when sampled answers exist)."""
+    """Accuracy overall and per category (and pass@1 / majority@k / pass@k when sampled answers
+    exist: the mean share of right samples, the vote's accuracy, any sample right)."""
     def score(rows):
         out = {"n": len(rows), "accuracy": sum(r["correct"] for r in rows) / max(len(rows), 1)}
         if rows and "sample_correct" in rows[0]:
             per_item = [sum(r["sample_correct"]) / len(r["sample_correct"]) for r in rows]
             out["pass@1"] = sum(per_item) / len(rows)
             out["majority@k"] = sum(r["majority_correct"] for r in rows) / len(rows)
+            out["pass@k"] = sum(any(r["sample_correct"]) for r in rows) / len(rows)
         return out
 
     summary = score(results)

@@ -127,8 +127,9 @@ class Run:
             self.base = world["base"]
             if image_paths is None:
                 image_paths = list_images(world["pool"])
-            if not self.benchmarks:
-                self.benchmarks = {"toyworld": load_benchmark(world["benchmark"])}
+            if not self.benchmarks:  # the held-out benchmark, and the pool's questions (diagnosis)
+                self.benchmarks = {"toyworld": load_benchmark(world["benchmark"]),
+                                   "pool": load_benchmark(world["pool_questions"])}
         if cfg.data.max_images is not None:
             image_paths = image_paths[:cfg.data.max_images]
         self.pool = ImagePool(image_paths, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -136,17 +137,17 @@ class Run:
         self._check_shared()
 
     def _embedded_world(self):
-        """The toy world's base, pool and benchmark (`toyworld.build_embedded`), built by rank 0
+        """The toy world's base, pool and benchmark (`toybase.build_embedded`), built by rank 0
         the first time, then found by every rank."""
-        import toyworld
+        import toybase
 
         if os.path.isdir(self.path("embedded", "base")):
             log.info("reusing the embedded world built earlier in %s", self.path("embedded"))
         if distributed.is_main():
-            world = toyworld.build_embedded(self.path("embedded"), self.cfg.seed)
+            world = toybase.build_embedded(self.path("embedded"), self.cfg.seed)
         distributed.barrier()
         if not distributed.is_main():
-            world = toyworld.build_embedded(self.path("embedded"), self.cfg.seed)
+            world = toybase.build_embedded(self.path("embedded"), self.cfg.seed)
         return world
 
     def _check_shared(self):

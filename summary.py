@@ -53,19 +53,19 @@ def iteration_summary(run_dir, iteration):
 
 
 def format_summary(summaries):
-    """The run's tables: per iteration, greedy accuracy, sampled pass@1 and majority@k per
+    """The run's tables: per iteration, greedy accuracy, sampled pass@1, majority@k and pass@k per
     benchmark with the question statistics; then, per benchmark, greedy accuracy per category."""
     benches = list(summaries[0]["eval"])
 
     def fmt(value, pattern, scale=1.0):
         return pattern % (scale * value) if value is not None else "-"
 
-    head = "".join(f" | {b} acc | pass@1 | maj@k" for b in benches)
+    head = "".join(f" | {b} acc | pass@1 | maj@k | pass@k" for b in benches)
     lines = [f"| iteration{head} | kept | mean p kept | invalid | distinct | pairwise BLEU |",
-             "|---" * (3 * len(benches) + 6) + "|"]
+             "|---" * (4 * len(benches) + 6) + "|"]
     for s in summaries:
         accuracy = "".join(f" | {fmt(s['eval'][b].get(k), '%.1f', 100)}" for b in benches
-                           for k in ("accuracy", "pass@1", "majority@k"))
+                           for k in ("accuracy", "pass@1", "majority@k", "pass@k"))
         lines.append(f"| {s['iteration']}{accuracy} | {s.get('kept', '-')}"
                      f" | {fmt(s.get('kept_confidence_mean'), '%.2f')}"
                      f" | {fmt(s.get('invalid_rate'), '%.2f')}"

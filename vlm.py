@@ -108,13 +108,14 @@ def save_vlm(model, processor, path, state_dict=None):
         processor.save_pretrained(tmp)
 
 
-def train_tokenizer(corpus, vocab_size=512):
+def train_tokenizer(corpus, vocab_size=512, extra_tokens=()):
     """A byte-level BPE tokenizer trained on `corpus` (list of str), with Qwen's special tokens.
 
     Byte-level means any text can be encoded, so prompts a test writes never hit an unknown token.
     Merges may cross spaces (no word pre-split), so the world's frequent phrases become single
     tokens and prompts stay short on CPU; digits are always single tokens, so numbers stay
-    compositional.
+    compositional. `extra_tokens`: words that are always one token each (ordinary, not special:
+    decoding keeps them).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -127,10 +128,12 @@ def train_tokenizer(corpus, vocab_size=512):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tokenizer.add_tokens(list(extra_tokens))
+    return tokenizer
 
 
 def tiny_config(tokenizer, *, hidden_size=64, layers=2, heads=4, kv_heads=2, vision_hidden=32,
@@ -161,13 +164,13 @@ def tiny_config(tokenizer, *, hidden_size=64, layers=2, heads=4, kv_heads=2, vis
 
 
 def build_tiny_vlm(path, corpus, *, seed=0, vocab_size=512, min_pixels=28 * 28,
-                   max_pixels=28 * 28 * 16, **sizes):
+                   max_pixels=28 * 28 * 16, extra_tokens=(), **sizes):
     """Build a randomly initialised tiny Qwen2.5-VL + tokenizer + processor and save them to `path`.
 
     `sizes` go to `tiny_config` (hidden_size, layers, heads, kv_heads, vision_hidden, vision_depth).
     Returns (model, processor). Deterministic given `seed` and `corpus`.
     """
-    tokenizer = train_tokenizer(corpus, vocab_size)
+    tokenizer = train_tokenizer(corpus, vocab_size, extra_tokens)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = ImageProcessor(image_processor=image_processor, tokenizer=tokenizer,

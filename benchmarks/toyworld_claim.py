@@ -1,18 +1,23 @@
 """The embedded default's measured claim: held-out accuracy of the reasoner after T iterations vs
-the base, over several seeds, with ablations. Everything runs through `visplay.py`, as a user would.
+the base, over several seeds, with ablations and the oracle. Everything runs through `visplay.py`
+as a user would (the oracle through `benchmarks/toyworld_oracle.py`).
 
-    python benchmarks/toyworld_claim.py                      # seeds 0 1 2, all four settings
-    python benchmarks/toyworld_claim.py --seeds 0 --settings full no_filter
+    python benchmarks/toyworld_claim.py                      # seeds 0 1 2, every setting
+    python benchmarks/toyworld_claim.py --seeds 0 --settings full oracle
 
 Settings (each on the same seeds, so on the same base, pool and benchmark per seed):
     full           config.yaml as it is
     no_questioner  the questioner is never trained (questioner.steps=0): the base writes them all
     no_diversity   no BLEU-cluster penalty (questioner.diversity_weight=0)
     no_filter      every voted question is kept (labeling.p_low=0, labeling.p_high=1)
+    paper_band     the paper's informative band (labeling.p_low=0.3, labeling.p_high=0.8)
+    oracle         the reasoner stage on the pool's questions with their TRUE answers (the ceiling)
 A seed's base is built once (by its first setting) and shared by the others through a symlink.
 Prints a markdown table per setting (greedy accuracy per iteration, gain over the base per seed,
-mean and spread, and how often the silver labels of the kept questions were right: an analysis with
-the world's ground truth that the loop itself never reads) and writes the numbers to OUT/claim.json.
+mean and spread; how often the silver labels of the kept questions were right; items flipped right
+-> wrong and wrong -> right per iteration; accuracy on absent-object items: analyses with the
+world's ground truth that the loop itself never reads), then the share of the oracle's gain each
+setting recovers, and writes the numbers to OUT/claim.json.
 """
 
 import argparse
@@ -33,6 +38,8 @@ SETTINGS = {
     "no_questioner": ["questioner.steps=0"],
     "no_diversity": ["questioner.diversity_weight=0"],
     "no_filter": ["labeling.p_low=0", "labeling.p_high=1"],
+    "paper_band": ["labeling.p_low=0.3", "labeling.p_high=0.8"],
+    "oracle": [],  # benchmarks/toyworld_oracle.py: the reasoner stage on TRUE pool labels
 }
 
 
@@ -43,7 +50,8 @@ def run(out, seed, setting, extra):
     os.makedirs(run_dir, exist_ok=True)
     if os.path.isdir(shared) and not os.path.exists(os.path.join(run_dir, "embedded")):
         os.symlink(os.path.abspath(shared), os.path.join(run_dir, "embedded"))
-    args = [sys.executable, os.path.join(ROOT, "visplay.py"),
+    script = "toyworld_oracle.py" if setting == "oracle" else os.path.join("..", "visplay.py")
+    args = [sys.executable, os.path.join(ROOT, "benchmarks", script),
             "--config", os.path.join(ROOT, "config.yaml"),
             "--set", f"run_dir={run_dir}", "--set", f"seed={seed}"]
     for override in SETTINGS[setting] + extra:
@@ -82,6 +90,28 @@ def accuracy(row, key="accuracy"):
     return 100 * row["eval"]["toyworld"][key]
 
 
+def graded_items(out, seed, setting, iteration):
+    """{item id: graded row} of one evaluation (eval_v{i}_items.jsonl)."""
+    path = os.path.join(out, f"seed{seed}", setting, f"eval_v{iteration}_items.jsonl")
+    with open(path) as f:
+        return {row["id"]: row for row in map(json.loads, f)}
+
+
+def flips_and_absent(out, seed, setting, iterations):
+    """Per iteration i >= 1: (right -> wrong, wrong -> right) item counts from iteration i - 1, so
+    a collapse would show; and per iteration 0..T the greedy accuracy on the absent-object items
+    (`exists` questions whose answer is no: the hallucination probe)."""
+    graded = [graded_items(out, seed, setting, i) for i in range(iterations)]
+    flips = [(sum(before[k]["correct"] and not after[k]["correct"] for k in before),
+              sum(after[k]["correct"] and not before[k]["correct"] for k in before))
+             for before, after in zip(graded, graded[1:])]
+    absent = []
+    for items in graded:
+        probe = [r for r in items.values() if r["category"] == "exists" and r["answer"] == "no"]
+        absent.append(100 * sum(r["correct"] for r in probe) / max(len(probe), 1))
+    return flips, absent
+
+
 def table(out, setting, results):
     """Markdown rows for one setting: per seed the greedy accuracy at every iteration, the final
     gains, and the accuracy of the silver labels of the kept questions per iteration (in brackets:
@@ -90,8 +120,9 @@ def table(out, setting, results):
     lines = [f"### {setting}", "",
              "| seed | " + " | ".join(f"iter {i}" for i in range(iterations))
              + " | gain | pass@1 gain | maj@k gain | "
-             + " | ".join(f"silver acc v{i}" for i in range(1, iterations)) + " |",
-             "|---" * (2 * iterations + 3) + "|"]
+             + " | ".join(f"silver acc v{i}" for i in range(1, iterations))
+             + " | flips r->w / w->r | absent-object acc |",
+             "|---" * (2 * iterations + 5) + "|"]
     gains = []
     for seed, rows in results.items():
         gain = accuracy(rows[-1]) - accuracy(rows[0])
@@ -101,8 +132,11 @@ def table(out, setting, results):
                    for k in ("pass@1", "majority@k")]
         silver = " | ".join("%.1f (%d)" % silver_accuracy(out, seed, setting, i)
                             for i in range(1, iterations))
+        flips, absent = flips_and_absent(out, seed, setting, iterations)
         lines.append(f"| {seed} | " + " | ".join(f"{accuracy(r):.1f}" for r in rows) +
-                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} | {silver} |")
+                     f" | {gain:+.1f} | {sampled[0]:+.1f} | {sampled[1]:+.1f} | {silver} | "
+                     + ", ".join(f"{a}/{b}" for a, b in flips) + " | "
+                     + " -> ".join(f"{a:.0f}" for a in absent) + " |")
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
     lines += ["", f"mean gain {statistics.mean(gains):+.1f} points (std {spread:.1f}, "
                   f"min {min(gains):+.1f}, max {max(gains):+.1f}) over {len(gains)} seeds", ""]
@@ -126,6 +160,16 @@ def main():
         text, gains = table(args.out, setting, results)
         print(text)
         report[setting] = {"gains": gains, "rows": results}
+    if "oracle" in report:  # the share of the oracle's gain each setting recovers, per seed
+        print("### share of the oracle's gain recovered\n")
+        print("| setting | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |")
+        print("|---" * (len(args.seeds) + 2) + "|")
+        for setting, entry in report.items():
+            shares = [gain / oracle if oracle > 0 else float("nan")
+                      for gain, oracle in zip(entry["gains"], report["oracle"]["gains"])]
+            entry["oracle_share"] = shares
+            print(f"| {setting} | " + " | ".join(f"{100 * s:.0f}%" for s in shares)
+                  + f" | {100 * statistics.mean(shares):.0f}% |")
     with open(os.path.join(args.out, "claim.json"), "w") as f:
         json.dump(report, f, indent=1)
 

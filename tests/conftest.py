@@ -76,12 +76,14 @@ def benchmark_file(tmp_path_factory):
 def format_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny model after a short supervised run on both roles' formats (so it writes parsable
     questions and boxed answers often enough for every stage of the loop to have data)."""
-    from toyworld import BaseConfig, WorldConfig, pretrain
+    from toybase import BaseConfig, pretrain
+    from toyworld import WorldConfig
     from vlm import load_vlm, save_vlm
 
     model, processor = load_vlm(tiny_model_dir)
     pretrain(model, processor, world=WorldConfig(),
-             base=BaseConfig(steps=60, batch_size=8, lr=5e-3), seed=0)
+             base=BaseConfig(steps=150, batch_size=8, lr=5e-3, freeze_vision=True,
+                             questioner_share=0.5), seed=0)
     path = str(tmp_path_factory.mktemp("format") / "model")
     save_vlm(model, processor, path)
     return path

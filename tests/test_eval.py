@@ -324,7 +324,10 @@ def test_samples_and_majority(tiny, monkeypatch, folder):
     assert (row["correct"] and row["sample_correct"] == [False, True, True, False]
             and row["majority_correct"])
     summary = evaluation.summarize([row])
-    assert summary["pass@1"] == 0.5 and summary["majority@k"] == 1.0
+    assert summary["pass@1"] == 0.5 and summary["majority@k"] == 1.0 and summary["pass@k"] == 1.0
+    # a second item with no right sample: pass@k (any right) is 1/2 over the two items
+    other = {**row, "sample_correct": [False] * 4, "majority_correct": False}
+    assert evaluation.summarize([row, other])["pass@k"] == 0.5
 
 
 class JudgeServer(http.server.BaseHTTPRequestHandler):

@@ -946,12 +946,17 @@ def test_gradient_accumulation_equals_whole_mini_batch(tiny, prompts, loss_agg):
     assert m_micro["kl"] == pytest.approx(m_whole["kl"], rel=1e-5)
     assert m_micro["grad_norm"] == pytest.approx(m_whole["grad_norm"], rel=1e-5)
 
-    # AdamW (lr 1e-3): its first step is lr * g / (|g| + 1e-8) per weight, so where |g| is ~1e-8 (a
-    # few vision-tower weights) float rounding of g moves the step by a small fraction of lr; allow
-    # 1% of lr. (Adam is nearly scale-invariant, so the SGD comparison above is the one that pins
-    # the normalisation.)
+    # AdamW (lr 1e-3): its first step is lr * g / (|g| + 1e-8) per weight, so where |g| is below
+    # ~1e-6 (a few vision-tower weights) float rounding of g (~1e-10 here) moves the step by a
+    # visible fraction of lr: those weights are left out, the rest must agree to 1% of lr. (Adam is
+    # nearly scale-invariant, so the SGD comparison above is the one that pins the normalisation.)
+    gradient = [-d for d in whole]  # the SGD step at lr 1 is minus the gradient
     whole, _ = step(8, grpo.make_optimizer, 1.0)
     micro, _ = step(4, grpo.make_optimizer, 1.0)
     assert max(d.abs().max().item() for d in whole) > 0.5 * cfg.lr
-    for a, b in zip(whole, micro):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-2 * cfg.lr)
+    compared = 0
+    for a, b, g in zip(whole, micro, gradient):
+        clear = (g.abs() >= 1e-6) | (g == 0)  # (unused embedding rows: no gradient, no step)
+        compared += int(clear.sum())
+        torch.testing.assert_close(b[clear], a[clear], rtol=0, atol=1e-2 * cfg.lr)
+    assert compared > 0.9 * sum(g.numel() for g in gradient)  # nearly every weight is compared

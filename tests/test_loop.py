@@ -178,12 +178,12 @@ def test_bad_paths_fail_before_any_model_is_built(tmp_path, monkeypatch, image_d
     raised before the embedded world is built (minutes) or a model is loaded, and before the run
     directory is made."""
     import run as run_module
-    import toyworld
+    import toybase
 
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the paths were checked")
 
-    monkeypatch.setattr(toyworld, "build_embedded", forbidden)
+    monkeypatch.setattr(toybase, "build_embedded", forbidden)
     monkeypatch.setattr(run_module, "load_vlm", forbidden)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
@@ -227,20 +227,21 @@ def test_cli_missing_image_folder_is_one_line_and_status_2(tmp_path):
 
 
 def test_final_table_reports_every_iteration_and_category():
-    """The printed table, on two hand-written summary rows: accuracy, pass@1, majority@k in %, the
-    question statistics ('-' where the base has none), and one accuracy row per iteration per
-    category."""
+    """The printed table, on two hand-written summary rows: accuracy, pass@1, majority@k, pass@k
+    in %, the question statistics ('-' where the base has none), and one accuracy row per
+    iteration per category."""
     rows = [{"iteration": 0, "eval": {"toy": {"accuracy": 0.5, "pass@1": 0.25, "majority@k": 0.375,
+                                              "pass@k": 0.75,
                                               "by_category": {"count": 0.5, "exists": 0.5}}}},
             {"iteration": 1, "kept": 7, "kept_confidence_mean": 0.55, "invalid_rate": 0.125,
              "distinct_ratio": 0.75, "mean_pairwise_bleu": 0.2,
-             "eval": {"toy": {"accuracy": 0.625, "pass@1": 0.5, "majority@k": 0.5,
+             "eval": {"toy": {"accuracy": 0.625, "pass@1": 0.5, "majority@k": 0.5, "pass@k": 0.875,
                               "by_category": {"count": 0.75, "exists": 0.5}}}}]
     lines = visplay.format_summary(rows).splitlines()
-    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | kept | mean p kept | invalid "
-                        "| distinct | pairwise BLEU |")
-    assert lines[2] == "| 0 | 50.0 | 25.0 | 37.5 | - | - | - | - | - |"
-    assert lines[3] == "| 1 | 62.5 | 50.0 | 50.0 | 7 | 0.55 | 0.12 | 0.75 | 0.20 |"
+    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | pass@k | kept | mean p kept "
+                        "| invalid | distinct | pairwise BLEU |")
+    assert lines[2] == "| 0 | 50.0 | 25.0 | 37.5 | 75.0 | - | - | - | - | - |"
+    assert lines[3] == "| 1 | 62.5 | 50.0 | 50.0 | 87.5 | 7 | 0.55 | 0.12 | 0.75 | 0.20 |"
     assert lines[-3:] == ["|---|---|---|", "| 0 | 50.0 | 50.0 |", "| 1 | 75.0 | 50.0 |"]
     assert "| iteration | count | exists |" in lines
 

@@ -41,14 +41,9 @@ HAND = scene_of(("circle", "red", 0, 0), ("square", "blue", 0, 2), ("square", "r
     ("How many yellow triangles are there?", "0"),
     ("Is there a blue square?", "yes"),
     ("Is there a blue circle?", "no"),
-    ("What color is the shape in row 2, column 2? A. red B. green C. blue D. yellow", "A"),
-    ("What color is the shape in row 3, column 1? A. red B. green C. blue D. yellow", "B"),
-    # empty cell
-    ("What color is the shape in row 4, column 4? A. red B. green C. blue D. yellow", None),
-    ("Is the blue square left of the green triangle?", "no"),
-    ("Is the green triangle left of the blue square?", "yes"),
-    ("Is the blue square above the green triangle?", "yes"),
-    ("Is the red circle above the blue square?", None),  # two red circles: not determined
+    # families the world no longer asks (README): not its questions
+    ("What color is the shape in row 2, column 2? A. red B. green C. blue D. yellow", None),
+    ("Is the blue square left of the green triangle?", None),
     ("Are there more red objects than blue objects?", "yes"),
     ("Are there more green objects than blue objects?", "no"),  # 1 vs 1
     ("What is the meaning of this?", None),
@@ -82,7 +77,82 @@ def test_scenes_put_one_object_per_cell_and_render_it():
             assert tuple(pixels[t.row * 28 + 14, t.col * 28 + 14]) == COLORS[t.color]
         empty = {(r, c) for r in range(4) for c in range(4)} - set(cells)
         for r, c in empty:
-            assert tuple(pixels[r * 28 + 14, c * 28 + 14]) == toyworld.BACKGROUND
+            assert tuple(pixels[r * 28 + 14, c * 28 + 14]) == toyworld.cell_background(r, c)
+        for t in scene.things:  # a cell's corner shows its background (squares span 0.9)
+            assert tuple(pixels[t.row * 28, t.col * 28]) == toyworld.cell_background(t.row, t.col)
+
+
+def test_cell_backgrounds_by_hand():
+    """BACKGROUND (123, 117, 104), red + 32 per row and blue + 32 per column around the centre
+    (rows/cols - 1) / 2 = 1.5: cell a1 (123 - 48, 117, 104 - 48) = (75, 117, 56); d4 (171, 117,
+    152); b3 (123 - 16, 117, 104 + 16) = (107, 117, 120). All 16 differ from each other and from
+    the object colours."""
+    assert toyworld.cell_background(0, 0) == (75, 117, 56)
+    assert toyworld.cell_background(3, 3) == (171, 117, 152)
+    assert toyworld.cell_background(1, 2) == (107, 117, 120)
+    assert toyworld.cell_name(1, 2) == "b3"
+    backgrounds = {toyworld.cell_background(r, c) for r in range(4) for c in range(4)}
+    assert len(backgrounds) == 16 and not backgrounds & set(COLORS.values())
+
+
+# Hand scene without repeated kinds (`random_scene` never repeats a colour and shape):
+#      col 0: a1 red circle, b1 green square;  col 1: a2 red square;  col 2: c3 blue triangle;
+#      col 3: d4 red triangle
+UNIQUE = scene_of(("circle", "red", 0, 0), ("square", "green", 1, 0), ("square", "red", 0, 1),
+                  ("triangle", "blue", 2, 2), ("triangle", "red", 3, 3))
+
+
+def listed(text):
+    """The things a list names ("red circle blue square" -> ["red circle", "blue square"])."""
+    words = text.split()
+    return [" ".join(words[i:i + 2]) for i in range(0, len(words), 2)] if words != ["none"] else []
+
+
+def test_chains_list_exactly_the_matching_things_in_random_orders():
+    """A counting chain lists the matching things (each once, any order) then their number; the
+    order varies between draws (so the base learns that any order is right); "none" when nothing
+    matches. Compare lists both colours."""
+    orders = set()
+    for seed in range(30):
+        q = make_question("count_color", UNIQUE, random.Random(seed))
+        colour = q.question.split()[2]
+        assert q.solution.startswith(f"{colour}: ")  # what it looks for, then the list
+        names = listed(q.solution.removeprefix(f"{colour}: ").split(".")[0])
+        expected = sorted(t.name for t in UNIQUE.things if t.color == colour)
+        assert sorted(names) == expected and q.answer == str(len(expected))
+        if colour == "red":
+            orders.add(tuple(names))
+    assert len(orders) > 1  # red has 3 things: several orders were drawn
+    q = make_question("compare", UNIQUE, random.Random(5))
+    first, second = q.question.split()[3], q.question.split()[6]
+    lists = dict(part.split(": ") for part in q.solution.split(". ")[0].split("; "))
+    for colour in (first, second):
+        assert sorted(listed(lists[colour])) == sorted(t.name for t in UNIQUE.things
+                                                       if t.color == colour)
+
+
+def test_scenes_never_repeat_a_colour_and_shape():
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = random_scene(rng, rows=4, cols=4, min_things=1, max_things=8)
+        names = [t.name for t in scene.things]
+        assert len(set(names)) == len(names)
+
+
+def test_thing_and_cell_names_are_one_token_each_with_their_space():
+    """The base's tokenizer: ' red circle' and ' b3' are one token each, so a list continues with
+    one token per thing and stops with one; decoding gives the text back."""
+    from vlm import train_tokenizer
+
+    tokenizer = train_tokenizer(toyworld.corpus(0, count=400), 400,
+                                toyworld.world_tokens(WorldConfig()))
+    text = "Found: red circle blue square yellow triangle. \\boxed{3} Cell b3: red circle."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    names = {" red circle", " blue square", " yellow triangle", " b3"}
+    assert [p for p in pieces if p in names] == [" red circle", " blue square",
+                                                 " yellow triangle", " b3", " red circle"]
+    assert tokenizer.decode(ids) == text
 
 
 def test_benchmark_is_balanced_and_splits_are_disjoint(tmp_path):
@@ -181,3 +251,49 @@ def test_render_shapes_unknown_shape_or_colour():
         render_shapes([("hexagon", "red", 0, 0, 0.5)], rows=1, cols=1)
     with pytest.raises((KeyError, ValueError), match="purple"):
         render_shapes([("circle", "purple", 0, 0, 0.5)], rows=1, cols=1)
+
+
+# ----------------------------------------------------------------------------
+# The shipped base: copied only when every file matches its checksum
+
+
+def test_shipped_base_is_copied_only_when_every_checksum_matches(tmp_path):
+    import toybase
+
+    source = tmp_path / "shipped"
+    source.mkdir()
+    (source / "config.json").write_text('{"a": 1}')
+    (source / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+    toybase.write_checksums(str(source))
+    import hashlib  # the digest of the 8 bytes '{"a": 1}', by hashlib directly
+
+    digest = hashlib.sha256(b'{"a": 1}').hexdigest()
+    assert (source / "SHA256SUMS").read_text().splitlines()[0] == f"{digest}  config.json"
+    toybase.copy_verified(str(source), str(tmp_path / "copy"))
+    assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == bytes(range(256)) * 8
+
+    (source / "model.safetensors").write_bytes(bytes(range(256)) * 7)  # changed
+    with pytest.raises(ValueError, match="model.safetensors does not match its checksum"):
+        toybase.copy_verified(str(source), str(tmp_path / "copy2"))
+    assert not (tmp_path / "copy2").exists()  # nothing half-copied
+    (source / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors is missing"):
+        toybase.copy_verified(str(source), str(tmp_path / "copy3"))
+    (source / "SHA256SUMS").unlink()
+    with pytest.raises(ValueError, match="SHA256SUMS is missing"):
+        toybase.copy_verified(str(source), str(tmp_path / "copy4"))
+
+
+def test_the_shipped_base_verifies_and_loads(tmp_path):
+    """embedded_base/ (seed 0's base, built by `python toybase.py --rebuild`) matches its
+    checksums, loads with its own tokenizer, and that tokenizer keeps thing and cell names whole."""
+    import toybase
+    from vlm import load_vlm
+
+    dest = str(tmp_path / "base")
+    toybase.copy_verified(toybase.SHIPPED_BASE, dest)
+    model, processor = load_vlm(dest)
+    assert model.config.text_config.vocab_size >= len(processor.tokenizer)
+    pieces = processor.tokenizer.tokenize("Found: red circle b3.")
+    assert " red circle" in pieces and " b3" in pieces

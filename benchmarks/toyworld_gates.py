@@ -1,0 +1,148 @@
+"""The embedded default's gates, measured on a base before the method runs (the world's true labels
+are used here for diagnosis only; the loop never reads them).
+
+    python benchmarks/toyworld_gates.py                    # seed 0: builds the world like a run
+    python benchmarks/toyworld_gates.py --seed 1 --base runs/claim/seed1/embedded/base
+
+1. Perception: the base's greedy accuracy per question family on scenes like its pretraining ones
+   (few objects); wanted >= 90% in every family.
+2. Premise: on questions about the unlabeled pool's scenes, greedy accuracy vs majority@8 and @16
+   vs pass@8 (samples at the labeling temperature and top-p), per family and overall; wanted
+   majority@8 - greedy >= +4 points overall. Majority-vote labels can only teach what the
+   majority knows better than greedy decoding.
+(3. Ceiling: the `oracle` setting of benchmarks/toyworld_claim.py: GRPO on TRUE pool labels.)
+
+Prints two markdown tables and writes OUT/gates.json.
+"""
+
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toybase  # noqa: E402
+import toyworld  # noqa: E402
+from answers import answer_correct, extract_answer, majority_vote  # noqa: E402
+from benchmark_files import load_benchmark  # noqa: E402
+from config import load_config  # noqa: E402
+from data import load_image, write_json  # noqa: E402
+from eval import format_question, generate  # noqa: E402
+from roles import reasoner_prompt  # noqa: E402
+from sampler import Limits, Sampling, special_tokens  # noqa: E402
+from vlm import load_vlm  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_domain_questions(world, seed, count):
+    """`count` questions about fresh scenes drawn like the pretraining scenes."""
+    rng = random.Random(seed + 20)
+    return toyworld.balanced_questions(
+        [toyworld.pretraining_scene(rng, world) for _ in range(count)], seed + 21)
+
+
+def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed):
+    """Greedy text and `samples` sampled texts per item."""
+    import torch
+
+    cfg = load_config(os.path.join(ROOT, "config.yaml")).model
+    prompts = [reasoner_prompt(processor, [load_image(p, cfg.min_pixels, cfg.max_pixels)
+                                           for p in item.images], format_question(item))
+               for item in items]
+    tokens = special_tokens(processor, model)
+    limits = Limits(64, cfg.kv_cache_gib, cfg.prefill_tokens)
+    greedy = generate(model, processor, prompts, group_size=1, tokens=tokens, limits=limits,
+                      sampling=Sampling(0.0, 1.0, 0, max_new_tokens))
+    sampled = []
+    if samples:
+        sampled = generate(model, processor, prompts, group_size=samples, sampling=sampling,
+                           tokens=tokens, limits=limits,
+                           generator=torch.Generator().manual_seed(seed))
+    return greedy, [sampled[i * samples:(i + 1) * samples] for i in range(len(items))]
+
+
+def score(items, greedy, sampled, ks=(8, 16)):
+    """Per family and overall: n, greedy, and with samples majority@k for each k, pass@8 and the
+    mean sampled accuracy (pass@1)."""
+    rows = {}
+    for item, text, texts in zip(items, greedy, sampled):
+        def right(answer):
+            return bool(answer_correct(answer, item.answer, item.choices, item.answer_type))
+
+        row = {"greedy": right(extract_answer(text, item.choices))}
+        if texts:
+            votes = [extract_answer(t, item.choices) for t in texts]
+            correct = [right(v) for v in votes]
+            for k in ks:
+                row[f"maj@{k}"] = right(majority_vote(votes[:k], item.choices)[0])
+            row["pass@8"] = any(correct[:8])
+            row["pass@1"] = sum(correct) / len(correct)
+        for key in (item.category, "overall"):
+            rows.setdefault(key, []).append(row)
+    return {key: {"n": len(group), **{m: 100 * sum(r[m] for r in group) / len(group)
+                                      for m in group[0]}}
+            for key, group in rows.items()}
+
+
+def table(title, scores):
+    metrics = [m for m in scores["overall"] if m != "n"]
+    lines = [f"### {title}", "", "| family | n | " + " | ".join(metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for key in [f for f in toyworld.FAMILIES if f in scores] + ["overall"]:
+        s = scores[key]
+        lines.append(f"| {key} | {s['n']} | " + " | ".join(f"{s[m]:.1f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def gates(base, out, seed, *, perception_items=400, samples=16):
+    """Both gates of one base; returns {"perception": scores, "premise": scores, ...}."""
+    world = toyworld.WorldConfig()
+    labeling = load_config(os.path.join(ROOT, "config.yaml")).labeling
+    model, processor = load_vlm(base)
+    model.eval()
+    result = {"base": base, "seed": seed}
+    started = time.perf_counter()
+    for name, questions, k in (("perception", base_domain_questions(world, seed, perception_items),
+                                0),
+                               ("premise", toyworld.pool_questions(world, seed), samples)):
+        items = load_benchmark(toyworld.write_questions(os.path.join(out, name), questions))
+        greedy, sampled = answers(model, processor, items, samples=k,
+                                  sampling=Sampling(labeling.temperature, labeling.top_p, 0,
+                                                    labeling.max_new_tokens),
+                                  max_new_tokens=labeling.max_new_tokens, seed=seed)
+        result[name] = score(items, greedy, sampled)
+    result["seconds"] = time.perf_counter() - started
+    overall = result["premise"]["overall"]
+    result["premise_gap"] = overall["maj@8"] - overall["greedy"]
+    result["perception_min"] = min(s["greedy"] for f, s in result["perception"].items()
+                                   if f != "overall")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", help="a base model folder; default: build the seed's world "
+                        "like a run does, in OUT/embedded")
+    parser.add_argument("--out", help="default: runs/gates/seed<SEED>")
+    parser.add_argument("--samples", type=int, default=16)
+    args = parser.parse_args()
+    out = args.out or os.path.join(ROOT, "runs", "gates", f"seed{args.seed}")
+    base = args.base or toybase.build_embedded(os.path.join(out, "embedded"), args.seed)["base"]
+    if not os.path.isdir(base):
+        sys.exit(f"error: base model folder {base!r} does not exist")
+    result = gates(base, out, args.seed, samples=args.samples)
+    print(table(f"Perception: greedy accuracy on base-domain scenes (seed {args.seed})",
+                result["perception"]))
+    print()
+    print(table(f"Premise: the unlabeled pool's scenes (seed {args.seed})", result["premise"]))
+    print(f"\nperception: worst family {result['perception_min']:.1f} (gate >= 90); "
+          f"premise: maj@8 - greedy = {result['premise_gap']:+.1f} points (gate >= +4)")
+    write_json(os.path.join(out, "gates.json"), result)
+
+
+if __name__ == "__main__":
+    main()

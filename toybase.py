@@ -1,0 +1,223 @@
+"""The embedded default's base model and files: a tiny Qwen2.5-VL that perceives the toy world.
+
+- `build_base`: a byte-level BPE tokenizer trained on the world's language (thing and cell names
+  one token each), a randomly initialised Qwen2.5-VL (`vlm.build_tiny_vlm`), then `pretrain`:
+  supervised next-token training on fresh base-domain scenes (few objects) in both roles' formats
+  (`<type>/<question>/<answer>` questions; answers as a chain, then `\\boxed{}`), vision tower
+  included, so it behaves like a small instruction-tuned VLM that sees.
+- `build_embedded`: a run's world (`RUN/embedded`): the unlabeled pool, the labeled benchmark and
+  the base, each built once and reused by a rerun.
+"""
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data import atomic_path
+from grpo import completion_logprobs
+from roles import questioner_prompt, reasoner_prompt
+from sampler import special_tokens
+from toyworld import (FAMILIES, WorldConfig, corpus, make_question, pool_questions,
+                      pretraining_scene, questioner_target, world_tokens, write_benchmark,
+                      write_pool, write_questions)
+from vlm import build_tiny_vlm, save_vlm
+
+log = logging.getLogger("visplay")
+
+
+@dataclass
+class BaseConfig:
+    """How the tiny base is built and pretrained (supervised, on the base domain only)."""
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vocab_size: int = 640
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-3
+    questioner_share: float = 0.3      # examples teaching the questioner's format; the rest teach
+                                       # the reasoner's
+    describe_weight: float = 0.7       # weight of count_total (whose chain names every object):
+                                       # long lists stay rare, so the base under-counts big scenes
+    freeze_vision: bool = False        # keep the randomly initialised vision blocks fixed
+
+
+def _encode_target(processor, text):
+    tokenizer = processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer(text, add_special_tokens=False).input_ids + [end]
+
+
+def pretraining_example(rng, processor, world, base):
+    """One (prompt, target ids) pair on a fresh base-domain scene: a question written by the
+    questioner, or an answer by the reasoner (its chain, then the boxed answer)."""
+    scene = pretraining_scene(rng, world)
+    weights = [base.describe_weight if f == "count_total" else 1.0 for f in FAMILIES]
+    q = None
+    while q is None:
+        q = make_question(rng.choices(FAMILIES, weights)[0], scene, rng)
+    image = scene.render()
+    if rng.random() < base.questioner_share:
+        return questioner_prompt(processor, image), _encode_target(processor, questioner_target(q))
+    return reasoner_prompt(processor, image, q.question), _encode_target(processor, q.solution)
+
+
+def pretrain(model, processor, *, world, base, seed):
+    """Supervised next-token training (cross-entropy on the target tokens), a fresh batch each step.
+
+    Uses `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
+    """
+    tokens = special_tokens(processor, model)
+    if base.freeze_vision:
+        for part in (model.model.visual.patch_embed, model.model.visual.blocks):
+            part.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=base.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, base.lr, total_steps=base.steps,
+                                                   pct_start=0.1)
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    for step in range(base.steps):
+        batch = [pretraining_example(rng, processor, world, base) for _ in range(base.batch_size)]
+        width = max(len(t) for _, t in batch)
+        ids = torch.full((len(batch), width), tokens.pad_id)
+        mask = torch.zeros((len(batch), width))
+        for row, (_, target) in enumerate(batch):
+            ids[row, :len(target)] = torch.tensor(target)
+            mask[row, :len(target)] = 1
+        logprobs, _ = completion_logprobs(model, [p for p, _ in batch], ids, mask, tokens=tokens)
+        loss = -(logprobs * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == base.steps - 1:
+            log.info("[pretrain %d/%d] loss %.3f", step + 1, base.steps, loss.item())
+    model.eval()
+    model.requires_grad_(True)
+    return losses
+
+
+def build_base(path, seed, world=None, base=None):
+    """Build the tiny base (tokenizer, processor, model), pretrain it and save it atomically to
+    `path`."""
+    world, base = world or WorldConfig(), base or BaseConfig()
+    started = time.perf_counter()
+    scratch = path.rstrip("/") + ".init"
+    model, processor = build_tiny_vlm(
+        scratch, corpus(seed), seed=seed, vocab_size=base.vocab_size, min_pixels=28 * 28,
+        max_pixels=world.rows * world.cols * 28 * 28, hidden_size=base.hidden_size,
+        layers=base.layers, heads=base.heads, kv_heads=base.kv_heads,
+        vision_hidden=base.vision_hidden, vision_depth=base.vision_depth,
+        extra_tokens=world_tokens(world))
+    shutil.rmtree(scratch, ignore_errors=True)
+    torch.manual_seed(seed)
+    pretrain(model, processor, world=world, base=base, seed=seed)
+    save_vlm(model, processor, path)
+    log.info("base built and pretrained in %.0f s -> %s", time.perf_counter() - started, path)
+
+
+SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_base")
+SHIPPED_SEED = 0  # the seed embedded_base/ was built with; other seeds build their own base
+CHECKSUMS = "SHA256SUMS"
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder):
+    """folder/SHA256SUMS: "<sha256>  <name>" for every file of the folder, sorted by name."""
+    names = sorted(n for n in os.listdir(folder) if n != CHECKSUMS)
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        f.writelines(f"{sha256(os.path.join(folder, n))}  {n}\n" for n in names)
+
+
+def copy_verified(source, dest):
+    """Copy the model folder `source` to `dest` (atomically), checking every file against
+    source/SHA256SUMS first. Raises ValueError naming the first file missing or changed."""
+    listed = os.path.join(source, CHECKSUMS)
+    if not os.path.isfile(listed):
+        raise ValueError(f"{listed} is missing: cannot verify the shipped base")
+    with open(listed) as f:
+        expected = dict(reversed(line.split()) for line in f if line.strip())
+    for name, digest in sorted(expected.items()):
+        path = os.path.join(source, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"shipped base file {path} is missing")
+        if sha256(path) != digest:
+            raise ValueError(f"shipped base file {path} does not match its checksum in {listed} "
+                             "(rebuild it with `python toybase.py --rebuild`)")
+    with atomic_path(dest) as tmp:
+        os.makedirs(tmp)
+        for name in expected:
+            shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+
+
+def build_embedded(folder, seed):
+    """The embedded default's files, built once per folder (each piece atomically, so a rerun
+    reuses it). The base of seed SHIPPED_SEED is the repository's embedded_base/ (verified by its
+    checksums: every machine gets the same base, bit for bit); other seeds build their own.
+
+    Returns {"base": model folder, "pool": unlabeled image folder, "benchmark": labeled JSONL,
+    "pool_questions": labeled JSONL of one question per pool image (diagnosis: the loop never
+    reads it; evaluated like a benchmark, it shows what the pool's questions could teach)}.
+    """
+    world = WorldConfig()
+    os.makedirs(folder, exist_ok=True)
+    paths = {"base": os.path.join(folder, "base"), "pool": os.path.join(folder, "pool"),
+             "benchmark": os.path.join(folder, "benchmark", "benchmark.jsonl"),
+             "pool_questions": os.path.join(folder, "pool_questions", "benchmark.jsonl")}
+    if not os.path.isdir(paths["pool"]):
+        with atomic_path(paths["pool"]) as tmp:
+            write_pool(tmp, world, seed)
+    if not os.path.isdir(os.path.dirname(paths["benchmark"])):
+        with atomic_path(os.path.dirname(paths["benchmark"])) as tmp:
+            write_benchmark(tmp, world, seed)
+    if not os.path.isdir(os.path.dirname(paths["pool_questions"])):
+        with atomic_path(os.path.dirname(paths["pool_questions"])) as tmp:
+            write_questions(tmp, pool_questions(world, seed))
+    if not os.path.isdir(paths["base"]):
+        if seed == SHIPPED_SEED and os.path.isdir(SHIPPED_BASE):
+            copy_verified(SHIPPED_BASE, paths["base"])
+            log.info("base: the shipped %s (checksums verified)", SHIPPED_BASE)
+        else:
+            build_base(paths["base"], seed, world)
+    return paths
+
+
+def main(argv=None):
+    """`python toybase.py --rebuild`: build seed 0's base again into embedded_base/ with its
+    checksums (what the repository ships; another machine's floats may differ in the last bits,
+    which is why the result is shipped rather than rebuilt by every run)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rebuild", action="store_true", required=True)
+    parser.add_argument("--out", default=SHIPPED_BASE)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    build_base(args.out, SHIPPED_SEED)
+    write_checksums(args.out)
+
+
+if __name__ == "__main__":
+    main()
