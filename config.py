@@ -100,7 +100,8 @@ class LabelingConfig:
 
 @dataclass
 class EvalConfig:
-    # name -> labeled benchmark file; {} with the embedded default: the toy world's benchmark
+    # name -> labeled benchmark file; {} with the embedded default: the toy world's benchmark (and
+    # "pool", its pool's questions labeled, for diagnosis)
     benchmarks: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int = 1024
     batch_size: int = 32

@@ -125,11 +125,13 @@ class Run:
         if cfg.model.path is None:  # the embedded default fills in what the config leaves empty
             world = self._embedded_world()
             self.base = world["base"]
-            if image_paths is None:
+            toy_pool = image_paths is None
+            if toy_pool:
                 image_paths = list_images(world["pool"])
             if not self.benchmarks:  # the held-out benchmark, and the pool's questions (diagnosis)
-                self.benchmarks = {"toyworld": load_benchmark(world["benchmark"]),
-                                   "pool": load_benchmark(world["pool_questions"])}
+                self.benchmarks = {"toyworld": load_benchmark(world["benchmark"])}
+                if toy_pool:
+                    self.benchmarks["pool"] = load_benchmark(world["pool_questions"])
         if cfg.data.max_images is not None:
             image_paths = image_paths[:cfg.data.max_images]
         self.pool = ImagePool(image_paths, cfg.model.min_pixels, cfg.model.max_pixels)
