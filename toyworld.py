@@ -282,20 +282,23 @@ def write_questions(folder, items):
     return path
 
 
-def pool_questions(world, seed):
-    """One labeled question about each pool image (the scenes `write_pool` draws): the world's
-    view of what the pool can teach, for diagnosis only (the loop never reads it)."""
-    pool = scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
+def pool_scenes(world, seed):
+    """The unlabeled pool's scenes, image i = scene i (`write_pool` renders them; analyses that
+    need the pool's truth redraw them from the seed)."""
+    return scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
                   things=world.shifted_things)
-    return balanced_questions(pool, seed + 30)
+
+
+def pool_questions(world, seed):
+    """One labeled question about each pool image: the world's view of what the pool can teach,
+    for diagnosis only (the loop never reads it)."""
+    return balanced_questions(pool_scenes(world, seed), seed + 30)
 
 
 def write_pool(folder, world, seed):
     """The unlabeled pool: PNG files only (no labels are written anywhere)."""
     os.makedirs(folder, exist_ok=True)
-    pool = scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
-                  things=world.shifted_things)
-    for i, scene in enumerate(pool):
+    for i, scene in enumerate(pool_scenes(world, seed)):
         scene.render().save(os.path.join(folder, f"{i:05d}.png"))
     return folder
 

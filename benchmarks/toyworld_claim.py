@@ -72,9 +72,7 @@ def run(out, seed, setting, extra):
 def silver_accuracy(out, seed, setting, iteration):
     """Post-hoc analysis (the loop never sees it): the share of kept questions whose silver answer
     equals the true answer of its pool scene, among those whose truth the scene determines."""
-    world = toyworld.WorldConfig()
-    pool = toyworld.scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
-                           things=world.shifted_things)
+    pool = toyworld.pool_scenes(toyworld.WorldConfig(), seed)
     path = os.path.join(out, f"seed{seed}", setting, f"kept_v{iteration}.jsonl")
     if not os.path.exists(path):
         return float("nan"), 0

@@ -43,11 +43,11 @@ def base_domain_questions(world, seed, count):
         [toyworld.pretraining_scene(rng, world) for _ in range(count)], seed + 21)
 
 
-def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed):
-    """Greedy text and `samples` sampled texts per item."""
+def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed, cfg):
+    """Greedy text and `samples` sampled texts per item; cfg: the config's `model` section
+    (image sizes, sampling memory bounds)."""
     import torch
 
-    cfg = load_config(os.path.join(ROOT, "config.yaml")).model
     prompts = [reasoner_prompt(processor, [load_image(p, cfg.min_pixels, cfg.max_pixels)
                                            for p in item.images], format_question(item))
                for item in items]
@@ -99,7 +99,8 @@ def table(title, scores):
 def gates(base, out, seed, *, perception_items=400, samples=16):
     """Both gates of one base; returns {"perception": scores, "premise": scores, ...}."""
     world = toyworld.WorldConfig()
-    labeling = load_config(os.path.join(ROOT, "config.yaml")).labeling
+    cfg = load_config(os.path.join(ROOT, "config.yaml"))
+    labeling = cfg.labeling
     model, processor = load_vlm(base)
     model.eval()
     result = {"base": base, "seed": seed}
@@ -111,7 +112,8 @@ def gates(base, out, seed, *, perception_items=400, samples=16):
         greedy, sampled = answers(model, processor, items, samples=k,
                                   sampling=Sampling(labeling.temperature, labeling.top_p, 0,
                                                     labeling.max_new_tokens),
-                                  max_new_tokens=labeling.max_new_tokens, seed=seed)
+                                  max_new_tokens=labeling.max_new_tokens, seed=seed,
+                                  cfg=cfg.model)
         result[name] = score(items, greedy, sampled)
     result["seconds"] = time.perf_counter() - started
     overall = result["premise"]["overall"]

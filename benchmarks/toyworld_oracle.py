@@ -30,10 +30,9 @@ from summary import format_summary, iteration_summary  # noqa: E402
 
 def true_questions(run, iteration):
     """`generation.questions_per_image` questions with true answers for every pool image (the
-    pool's scenes redrawn from the seed, as `toyworld.write_pool` drew them)."""
-    world, seed = toyworld.WorldConfig(), run.cfg.seed
-    pool = toyworld.scenes(seed + 1, world.pool_images, rows=world.rows, cols=world.cols,
-                           things=world.shifted_things)
+    pool's scenes redrawn from the seed, `toyworld.pool_scenes`)."""
+    seed = run.cfg.seed
+    pool = toyworld.pool_scenes(toyworld.WorldConfig(), seed)
     assert len(pool) == len(run.pool), "the oracle needs the embedded default's pool"
     per_image = run.cfg.generation.questions_per_image
     questions = toyworld.balanced_questions(pool, seed + 100 + iteration, per_scene=per_image)
