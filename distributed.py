@@ -7,8 +7,8 @@
 Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and every function here is the
 single-process identity, so the same code runs on a laptop. Backend: NCCL on CUDA, gloo on CPU.
 
-- ranks and collectives: `init`, `rank`, `world_size`, `barrier`, `all_gather_list`,
-  `all_reduce_sum`;
+- ranks and collectives: `init`, `close`, `rank`, `world_size`, `barrier`,
+  `all_gather_list`, `all_reduce_sum`;
 - work split over ranks: `my_share` (a range of indices), `my_part` (a GRPO step's batch);
 - FSDP2 by hand: `shard_model`, `load_into_shards` (weights read once, by rank 0), `is_sharded`,
   `gathered` (whole weights for a rollout).
@@ -37,6 +37,17 @@ def init(device_type, timeout_minutes=60):
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def close():
+    """Leave the process group at the end of a run that finished: every rank waits for the others
+    first, so none tears down its connections while another still talks to it, and none leaves
+    the backend's threads to the interpreter's shutdown (gloo then aborts the process). Not
+    called after an error: a rank that failed would wait here forever for the ones in a
+    collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def active():

@@ -480,6 +480,7 @@ def main(argv=None):
         cfg = load_config(args.config, args.set)
         torch.manual_seed(cfg.seed)
         run_loop(cfg)
+        distributed.close()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

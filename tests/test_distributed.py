@@ -43,14 +43,23 @@ def _entry(rank, world, port, fn, args):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
+    fn(*args)
+    distributed.close()  # as `visplay.main` does: after the work, never after an error
 
 
 def spawn_two(fn, *args):
-    mp.spawn(_entry, args=(2, _free_port(), fn, args), nprocs=2, join=True)
+    """Run fn in 2 gloo processes. A worker killed by a signal (not a Python error: gloo's C++
+    threads have aborted a process once in CI, on a busy machine, in a test that passes hundreds
+    of times here) is retried once, on a fresh port, with its output files rewritten; a failed
+    assertion or any other Python error in a worker fails the test at once."""
+    for attempt in (1, 2):
+        try:
+            mp.spawn(_entry, args=(2, _free_port(), fn, args), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as error:
+            if attempt == 2 or error.signal_name is None:
+                raise
+            print(f"spawn_two: {error}; retrying once", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- one GRPO update
@@ -422,8 +431,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_mo
                                                       benchmark_file, tmp_path):
     """SIGKILL the run once a checkpoint exists inside a GRPO stage; the rerun resumes from it and
     ends with exactly (bitwise) the weights and files of an uninterrupted run. Torn: the newest
-    checkpoint's data is then truncated; the rerun skips it (the only one: keep 1) and redoes the
-    stage from its start, to the same end."""
+    checkpoint's data is then truncated; the rerun skips it and redoes the stage from its start
+    (keep 1: it is the only one), or from the one before it if the kill came between the save of
+    one and the removal of the other, to the same end."""
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     done = _run_cli(_tiny_run(clean, format_model_dir, image_dir, benchmark_file))
     process = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
@@ -435,10 +445,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_mo
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not os.path.exists(os.path.join(killed, "reasoner_v1"))  # it really died mid-run
-    if torn:  # and a power loss tore the newest checkpoint's data: the stage starts over
+    older = False  # a whole checkpoint older than the torn one (killed between the save of the
+    if torn:       # newest and the removal of the one before it): the rerun falls back to it
         stage = os.path.join(killed, "checkpoints", kill_when.split("/")[0])
         _, newest = checkpoint.latest(stage)
-        for name in os.listdir(newest):
+        older = any(name.startswith("step_") and not name.endswith(".tmp")
+                    and name < os.path.basename(newest) for name in os.listdir(stage))
+        for name in os.listdir(newest):  # a power loss tore the newest checkpoint's data
             if name.endswith(".distcp"):
                 with open(os.path.join(newest, name), "r+b") as f:
                     f.truncate(64)
@@ -446,7 +459,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_mo
     resumed = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     log = resumed.stderr.read().decode()
-    assert ("skipping checkpoint" in log and "resumed from" not in log) if torn \
+    assert ("skipping checkpoint" in log and ("resumed from" in log) == older) if torn \
         else "resumed from" in log
     for checkpoint_dir in ("questioner_v1", "reasoner_v1"):
         a, b = (_weights(os.path.join(clean, checkpoint_dir)),
