@@ -92,9 +92,10 @@ def latest(folder):
     return None
 
 
-def save(folder, step, model, optimizer, *, keep=1):
+def save(folder, step, model, optimizer, *, keep=1, extra=None):
     """Checkpoint after `step` completed steps: all ranks call this together. Keeps the newest
-    `keep` checkpoints."""
+    `keep` checkpoints. extra: JSON data a stage needs to resume besides weights, optimizer and
+    RNG (the spy game's baselines and stage switch), stored in meta.json; `load` returns it."""
     final = os.path.join(folder, f"step_{step:06d}")
     tmp = final + ".tmp"
     if distributed.is_main():
@@ -110,7 +111,8 @@ def save(folder, step, model, optimizer, *, keep=1):
     distributed.barrier()
     if distributed.is_main():
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "world_size": distributed.world_size()}, f)
+            json.dump({"step": step, "world_size": distributed.world_size(),
+                       "extra": extra}, f)
         move_into_place(tmp, final)
         steps = sorted(int(m.group(1)) for name in os.listdir(folder) if (m := _STEP.match(name)))
         stale = [f"step_{old:06d}" for old in steps[:-keep]]  # all but the newest `keep`

@@ -110,7 +110,42 @@ class EvalConfig:
 
 
 @dataclass
+class SpyConfig(StageConfig):
+    """Vision-Zero's game (method: vision-zero; README "Vision-Zero"): the paper's settings.
+    prompts_per_step: games per step; group_size: sampled votes per civilian; max_new_tokens:
+    a clue's budget."""
+    steps: int = 100                  # updates (the paper's iterations)
+    prompts_per_step: int = 16
+    updates_per_step: int = 1
+    lr: float = 1e-5
+    kl_coef: float = 0.04
+    pairs: str | None = None          # JSONL of {"original", "edited"} paths; None: toy pairs
+    civilians: int = 4                # n_c (the released code: 3; its "4 players" counts the spy)
+    rounds: int = 2                   # clue rounds
+    vote_max_new_tokens: int = 512
+    voters: str = "civilians"         # civilians (paper) | observer (released: one judge prompt)
+    spy_image: str = "edited"         # edited (the twin B) | blank
+    prompts: str = "paper"            # paper | compact (the embedded default's tiny model)
+    difference: str = "two objects differ in shape and colour, in the same places"
+    beta: float = 0.1                 # clue reward: spy vs civilians
+    lam: float = 0.1                  # clue reward: a civilian's votes vs the civilians' mean
+    rae_alpha: float = 0.95           # Role-Advantage Estimation EMA (the released code: 0.9)
+    schedule: str = "iterative-spo"   # iterative-spo (paper) | alternate (released: every step)
+    phase_mask: bool = True           # False: the released code's clue steps train votes too
+    ema_rho: float = 0.95             # EMA of vote accuracy and n/a rate
+    acc_up: float = 0.9               # decision -> clue when acc >= acc_up and n/a <= na_down
+    na_down: float = 0.1
+    err_up: float = 0.4               # clue -> decision when 1 - acc >= err_up or n/a >= na_up
+    na_up: float = 0.5
+    k_min: int = 5                    # updates at least in a stage before it may switch
+    patience: int = 20                # a stage ends after this many updates; 0: never forced
+    warmup_steps: int = 400           # embedded default only: the toy base learns the game's
+                                      # format first (README); 0: none
+
+
+@dataclass
 class Config:
+    method: str = "visplay"           # visplay | vision-zero (the spy game, section spy)
     seed: int = 0
     run_dir: str = "runs/default"
     device: str = "auto"              # auto | cpu | cuda
@@ -124,6 +159,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    spy: SpyConfig = field(default_factory=SpyConfig)
 
 
 class ConfigError(ValueError):
@@ -199,6 +235,7 @@ def _check(cfg):
         if not ok:
             raise ConfigError(f"{key}: {what}")
 
+    need(cfg.method in ("visplay", "vision-zero"), "method", "must be visplay or vision-zero")
     need(cfg.iterations >= 1, "iterations", "must be >= 1")
     need(cfg.save_every >= 0, "save_every", "must be >= 0 (0: no checkpoints inside a stage)")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
@@ -217,7 +254,7 @@ def _check(cfg):
     need(model.decode_check_every >= 1, "model.decode_check_every", "must be >= 1")
     need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images",
          "must be >= 1 or null")
-    for role in ("questioner", "reasoner"):
+    for role in ("questioner", "reasoner", "spy"):
         stage = getattr(cfg, role)
         need(stage.steps >= 0, f"{role}.steps",
              "must be >= 0 (0: the role is not trained, e.g. an ablation)")
@@ -243,6 +280,20 @@ def _check(cfg):
         need(stage.kl_coef >= 0, f"{role}.kl_coef", "must be >= 0 (0: no reference model)")
         need(stage.loss_agg in ("token-mean", "seq-mean-token-mean"), f"{role}.loss_agg",
              "must be token-mean or seq-mean-token-mean")
+    spy = cfg.spy
+    need(spy.civilians >= 2, "spy.civilians", "must be >= 2 (votes compare civilians)")
+    need(spy.rounds >= 1, "spy.rounds", "must be >= 1")
+    need(spy.vote_max_new_tokens >= 1, "spy.vote_max_new_tokens", "must be >= 1")
+    for key, allowed in (("voters", ("civilians", "observer")), ("spy_image", ("edited", "blank")),
+                         ("prompts", ("paper", "compact")),
+                         ("schedule", ("iterative-spo", "alternate"))):
+        need(getattr(spy, key) in allowed, f"spy.{key}", f"must be {' or '.join(allowed)}")
+    for key in ("rae_alpha", "ema_rho", "acc_up", "na_down", "err_up", "na_up"):
+        need(0 <= getattr(spy, key) <= 1, f"spy.{key}", "must be in [0, 1]")
+    need(spy.beta >= 0 and spy.lam >= 0, "spy.beta", "spy.beta and spy.lam must be >= 0")
+    need(spy.k_min >= 1, "spy.k_min", "must be >= 1")
+    need(spy.patience >= 0, "spy.patience", "must be >= 0 (0: a stage is never forced to end)")
+    need(spy.warmup_steps >= 0, "spy.warmup_steps", "must be >= 0")
     questioner = cfg.questioner
     need(questioner.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
     need(questioner.diversity_weight >= 0, "questioner.diversity_weight", "must be >= 0")

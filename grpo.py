@@ -367,17 +367,21 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcont
 
 
 def train_step(policy, reference, optimizer, *, prompts, sampled, rewards, tokens, cfg,
-               autocast=nullcontext, on_device=nullcontext):
+               autocast=nullcontext, on_device=nullcontext, advantages=None):
     """One GRPO step after the rollout: advantages, old/reference log-probs, the updates.
 
     prompts: the `Prompt` of each prompt index of `sampled`; rewards [N], grouped as `sampled` is.
+    advantages: [N] given instead of normalising rewards within groups of cfg.group_size (the spy
+    game's clues: reward minus a role's baseline).
     autocast: a context factory opened around each forward (`Run.autocast`: bf16 compute of fp32
     weights in one process), never around an optimizer step. on_device(reference): the context
     the reference scores in (`Run.on_device`: a parked reference visits the GPU for scoring only).
     Returns metrics (reward, advantage, length, timing, loss, KL, clip fractions, grad norm).
     """
     started = time.perf_counter()
-    advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
+    if advantages is None:
+        advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
+    advantages = advantages.float()
     experience = score_rollout(policy, reference, prompts=prompts, sampled=sampled,
                                advantages=advantages, tokens=tokens, cfg=cfg, autocast=autocast,
                                on_device=on_device,

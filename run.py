@@ -67,9 +67,19 @@ def check_sources(cfg):
         except FileNotFoundError as error:
             raise ConfigError(f"model.path: {error}, or leave model.path empty for the embedded "
                               "default") from None
-        if cfg.data.images is None:
+        if cfg.method == "vision-zero" and cfg.spy.pairs is None:
+            raise ConfigError("spy.pairs: a game on model.path needs a JSONL manifest of image "
+                              "pairs, one {\"original\": path, \"edited\": path} per line")
+        if cfg.data.images is None and cfg.method != "vision-zero":
             raise ConfigError("data.images: a run on model.path needs a folder or a JSONL "
                               "manifest of images")
+    if cfg.method == "vision-zero" and cfg.spy.pairs is not None:
+        import spy
+
+        try:
+            spy.read_pairs(cfg.spy.pairs)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"spy.pairs: {error}") from None
     image_paths = None
     if cfg.data.images is not None:
         try:
@@ -132,9 +142,9 @@ class Run:
                 self.benchmarks = {"toyworld": load_benchmark(world["benchmark"])}
                 if toy_pool:
                     self.benchmarks["pool"] = load_benchmark(world["pool_questions"])
-        if cfg.data.max_images is not None:
+        if cfg.data.max_images is not None and image_paths:
             image_paths = image_paths[:cfg.data.max_images]
-        self.pool = ImagePool(image_paths, cfg.model.min_pixels, cfg.model.max_pixels)
+        self.pool = ImagePool(image_paths or [], cfg.model.min_pixels, cfg.model.max_pixels)
         self.metrics_path = self.path("metrics.jsonl")
         self._check_shared()
 

@@ -42,6 +42,13 @@ def iteration_summary(run_dir, iteration):
                    confidence_histogram=np.histogram(confidences, bins=10,
                                                      range=(0, 1))[0].tolist(),
                    **question_diversity([r["question"] for r in generated if r["valid"]]))
+    return eval_row(run_dir, iteration, row)
+
+
+def eval_row(run_dir, iteration, row=None):
+    """`row` (default {"iteration": iteration}) with eval_v{iteration}.json's scores under
+    "eval"."""
+    row = {"iteration": iteration} if row is None else row
     with open(os.path.join(run_dir, f"eval_v{iteration}.json")) as f:
         evals = json.load(f)
     row["eval"] = {}

@@ -51,7 +51,7 @@ class BaseConfig:
     freeze_vision: bool = False        # keep the randomly initialised vision blocks fixed
 
 
-def _encode_target(processor, text):
+def encode_target(processor, text):
     tokenizer = processor.tokenizer
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return tokenizer(text, add_special_tokens=False).input_ids + [end]
@@ -67,14 +67,16 @@ def pretraining_example(rng, processor, world, base):
         q = make_question(rng.choices(FAMILIES, weights)[0], scene, rng)
     image = scene.render()
     if rng.random() < base.questioner_share:
-        return questioner_prompt(processor, image), _encode_target(processor, questioner_target(q))
-    return reasoner_prompt(processor, image, q.question), _encode_target(processor, q.solution)
+        return questioner_prompt(processor, image), encode_target(processor, questioner_target(q))
+    return reasoner_prompt(processor, image, q.question), encode_target(processor, q.solution)
 
 
-def pretrain(model, processor, *, world, base, seed):
+def pretrain(model, processor, *, world, base, seed, example=pretraining_example):
     """Supervised next-token training (cross-entropy on the target tokens), a fresh batch each step.
 
-    Uses `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
+    example(rng, processor, world, base) -> (Prompt, target ids): one training pair
+    (`pretraining_example`; the spy game's warm-up brings its own). Uses
+    `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
     """
     tokens = special_tokens(processor, model)
     if base.freeze_vision:
@@ -88,7 +90,7 @@ def pretrain(model, processor, *, world, base, seed):
     losses = []
     model.train()
     for step in range(base.steps):
-        batch = [pretraining_example(rng, processor, world, base) for _ in range(base.batch_size)]
+        batch = [example(rng, processor, world, base) for _ in range(base.batch_size)]
         width = max(len(t) for _, t in batch)
         ids = torch.full((len(batch), width), tokens.pad_id)
         mask = torch.zeros((len(batch), width))

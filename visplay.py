@@ -4,6 +4,8 @@
     python visplay.py --config configs/qwen2.5-vl-3b.yaml \\
         --set model.path=/models/Qwen2.5-VL-3B-Instruct --set data.images=/data/images
     torchrun --nproc_per_node 8 visplay.py --config configs/qwen2.5-vl-7b.yaml ...   # FSDP2
+    python visplay.py --config configs/vision-zero.yaml    # the second method: Vision-Zero's
+                                                           # spy game (`method: vision-zero`)
 
 One base model plays both roles: the Questioner Q writes a question about an image, the Reasoner S
 answers it. Iteration i = 1..T, with Q_0 = S_0 = the base model (README, "The algorithm"):
@@ -479,7 +481,11 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         torch.manual_seed(cfg.seed)
-        run_loop(cfg)
+        if cfg.method == "vision-zero":  # the spy game (vision_zero.py)
+            from vision_zero import run_game
+            run_game(cfg)
+        else:
+            run_loop(cfg)
         distributed.close()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
