@@ -139,7 +139,7 @@ class SpyConfig(StageConfig):
     na_up: float = 0.5
     k_min: int = 5                    # updates at least in a stage before it may switch
     patience: int = 20                # a stage ends after this many updates; 0: never forced
-    warmup_steps: int = 400           # embedded default only: the toy base learns the game's
+    warmup_steps: int = 3000          # embedded default only: the toy base learns the game's
                                       # format first (README); 0: none
 
 

@@ -16,6 +16,7 @@ the game's rules; the sampler, GRPO update, FSDP2, checkpoints and evaluation ar
    metrics.jsonl, every step's games in games/.
 """
 
+import json
 import logging
 import os
 import random
@@ -100,29 +101,59 @@ def warmup_example(rng, processor, world, base, *, players, rounds, difference):
     return encode_prompt(processor, scene.render(), text), toybase.encode_target(processor, target)
 
 
-def warm_up(run, source, dest):
-    """The embedded default's game-ready base: `source` (the toy base) after spy.warmup_steps
-    supervised steps of `warmup_example` (rank 0 builds it once; atomic)."""
+SHIPPED_GAME_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 "embedded_game_base")
+
+
+def warmup_settings(cfg):
+    """What a game base depends on besides its source base: the seed and the game's shape."""
+    spy_cfg = cfg.spy
+    return {"seed": cfg.seed, "steps": spy_cfg.warmup_steps, "players": spy_cfg.civilians + 1,
+            "rounds": spy_cfg.rounds, "difference": spy_cfg.difference}
+
+
+def build_game_base(source, dest, settings):
+    """`source` (the toy base) after settings["steps"] supervised steps of `warmup_example`,
+    saved atomically to `dest` with warmup.json (the settings)."""
     from functools import partial
 
     import toybase
     import toyworld
     from vlm import load_vlm, save_vlm
 
-    settings = run.cfg.spy
+    started = time.perf_counter()
+    model, processor = load_vlm(source)
+    torch.manual_seed(seed_for(settings["seed"], "warm-up"))
+    base = toybase.BaseConfig(steps=settings["steps"], lr=1e-3, batch_size=32)
+    example = partial(warmup_example, players=settings["players"], rounds=settings["rounds"],
+                      difference=settings["difference"])
+    toybase.pretrain(model, processor, world=toyworld.WorldConfig(), base=base,
+                     seed=seed_for(settings["seed"], "warm-up-data"), example=example)
+    with atomic_path(dest) as tmp:
+        save_vlm(model, processor, tmp)
+        with open(os.path.join(tmp, "warmup.json"), "w") as f:
+            json.dump(settings, f, indent=1)
+    log.info("game warm-up: %d steps in %.0f s -> %s", settings["steps"],
+             time.perf_counter() - started, dest)
+
+
+def warm_up(run, source, dest):
+    """The embedded default's game-ready base at `dest` (rank 0 makes it once): the repository's
+    embedded_game_base/ (checksums verified) when it was built with this run's settings (seed 0,
+    the default game: 3000 steps take about 23 minutes on 2 cores), else `build_game_base`."""
+    import toybase
+
     if distributed.is_main() and not os.path.isdir(dest):
-        started = time.perf_counter()
-        model, processor = load_vlm(source)
-        torch.manual_seed(seed_for(run.cfg.seed, "warm-up"))
-        base = toybase.BaseConfig(steps=settings.warmup_steps, lr=1e-3, batch_size=32)
-        example = partial(warmup_example, players=settings.civilians + 1, rounds=settings.rounds,
-                          difference=settings.difference)
-        toybase.pretrain(model, processor, world=toyworld.WorldConfig(), base=base,
-                         seed=seed_for(run.cfg.seed, "warm-up-data"), example=example)
-        with atomic_path(dest) as tmp:
-            save_vlm(model, processor, tmp)
-        log.info("game warm-up: %d steps in %.0f s -> %s", settings.warmup_steps,
-                 time.perf_counter() - started, dest)
+        shipped = os.path.join(SHIPPED_GAME_BASE, "warmup.json")
+        same = False
+        if os.path.isfile(shipped):
+            with open(shipped) as f:
+                same = json.load(f) == warmup_settings(run.cfg)
+        if same:
+            toybase.copy_verified(SHIPPED_GAME_BASE, dest)
+            log.info("game base: the shipped %s (checksums verified)", SHIPPED_GAME_BASE)
+        else:
+            build_game_base(source, dest, warmup_settings(run.cfg))
     distributed.barrier()
     return dest
 
@@ -410,3 +441,29 @@ def run_game(cfg):
         log.info("done in %.1f s", time.perf_counter() - started)
         print(format_summary(summaries))
     return summaries
+
+
+def main(argv=None):
+    """`python vision_zero.py --rebuild`: build seed 0's game base again into embedded_game_base/
+    with its checksums, from the shipped toy base and configs/vision-zero.yaml's game."""
+    import argparse
+    import shutil
+
+    import toybase
+    from config import load_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rebuild", action="store_true", required=True)
+    parser.add_argument("--out", default=SHIPPED_GAME_BASE)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                   "vision-zero.yaml"), [f"seed={toybase.SHIPPED_SEED}"])
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    build_game_base(toybase.SHIPPED_BASE, args.out, warmup_settings(cfg))
+    toybase.write_checksums(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""What Vision-Zero's embedded run shows, per seed: the spy-identification accuracy and n/a rate over
+"""What Vision-Zero's embedded run shows, per seed: spy-identification accuracy and n/a rate over
 training, the stage sequence, and the held-out toy benchmark before and after (README
 "Vision-Zero"). Runs `python visplay.py --config configs/vision-zero.yaml` once per seed (each in
 its own run directory; a finished one is reused) and prints one markdown table.

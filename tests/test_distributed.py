@@ -410,12 +410,24 @@ def _tiny_run(run_dir, model_dir, image_dir, benchmark_file):
         "save_every=1", "questioner.steps=5", "reasoner.steps=4", "eval.samples=0"]
 
 
-def _run_cli(overrides, **kwargs):
+def run_cli(overrides, config="config.yaml"):
+    """`python visplay.py --config CONFIG --set ...` started in the background (stderr piped)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config",
-            os.path.join(ROOT, "config.yaml")]
+            os.path.join(ROOT, config)]
     return subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def sigkill_when_written(process, marker, timeout=300):
+    """SIGKILL `process` as soon as the file or folder `marker` exists (it must, before the
+    process ends by itself)."""
+    deadline = time.time() + timeout
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.path.exists(marker), "the run ended before the checkpoint appeared"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def _weights(folder):
@@ -435,15 +447,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_mo
     (keep 1: it is the only one), or from the one before it if the kill came between the save of
     one and the removal of the other, to the same end."""
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
-    done = _run_cli(_tiny_run(clean, format_model_dir, image_dir, benchmark_file))
-    process = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
-    marker = os.path.join(killed, "checkpoints", kill_when)
-    deadline = time.time() + 300
-    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert os.path.exists(marker), "the run ended before the checkpoint appeared"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    done = run_cli(_tiny_run(clean, format_model_dir, image_dir, benchmark_file))
+    process = run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
+    sigkill_when_written(process, os.path.join(killed, "checkpoints", kill_when))
     assert not os.path.exists(os.path.join(killed, "reasoner_v1"))  # it really died mid-run
     older = False  # a whole checkpoint older than the torn one (killed between the save of the
     if torn:       # newest and the removal of the one before it): the rerun falls back to it
@@ -456,7 +462,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_mo
                 with open(os.path.join(newest, name), "r+b") as f:
                     f.truncate(64)
     assert done.wait() == 0, done.stderr.read().decode()[-2000:]
-    resumed = _run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
+    resumed = run_cli(_tiny_run(killed, format_model_dir, image_dir, benchmark_file))
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     log = resumed.stderr.read().decode()
     assert ("skipping checkpoint" in log and ("resumed from" in log) == older) if torn \

@@ -3,10 +3,6 @@
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +15,7 @@ import vision_zero
 from config import load_config
 from grpo import make_optimizer, train_step
 from sampler import Limits, Rollout, special_tokens
+from test_distributed import run_cli, sigkill_when_written
 from vlm import load_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,11 +159,7 @@ def _overrides(run_dir, model_dir, pairs, benchmark_file):
 
 
 def _run_cli(overrides):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    args = [sys.executable, os.path.join(ROOT, "visplay.py"), "--config",
-            os.path.join(ROOT, "configs", "vision-zero.yaml")]
-    return subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return run_cli(overrides, config=os.path.join("configs", "vision-zero.yaml"))
 
 
 def test_sigkill_mid_game_then_resume_equals_uninterrupted_run(format_model_dir, pairs_file,
@@ -179,13 +172,7 @@ def test_sigkill_mid_game_then_resume_equals_uninterrupted_run(format_model_dir,
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     done = _run_cli(_overrides(clean, format_model_dir, pairs_file, benchmark_file))
     process = _run_cli(_overrides(killed, format_model_dir, pairs_file, benchmark_file))
-    marker = os.path.join(killed, "checkpoints", "spy_v1", "step_000003")
-    deadline = time.time() + 300
-    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert os.path.exists(marker), "the run ended before the checkpoint appeared"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    sigkill_when_written(process, os.path.join(killed, "checkpoints", "spy_v1", "step_000003"))
     assert not os.path.exists(os.path.join(killed, "spy_v1"))
     _, newest = checkpoint.latest(os.path.join(killed, "checkpoints", "spy_v1"))
     with open(os.path.join(newest, "meta.json")) as f:
@@ -237,3 +224,61 @@ def test_bad_pairs_are_refused_before_any_work(tiny_model_dir, benchmark_file, t
     empty.write_text("")
     with pytest.raises(ConfigError, match="^spy.pairs: .*lists no pairs"):
         check_sources(load_config(None, base + [f"spy.pairs={empty}"]))
+
+
+def test_the_shipped_game_base_is_the_default_games_and_verifies(tmp_path):
+    """configs/vision-zero.yaml's game (seed 0) is the one embedded_game_base/ was warmed up for,
+    so the embedded run copies it (checksums verified) instead of a 23-minute warm-up."""
+    import toybase
+
+    cfg = load_config(os.path.join(ROOT, "configs", "vision-zero.yaml"))
+    with open(os.path.join(vision_zero.SHIPPED_GAME_BASE, "warmup.json")) as f:
+        assert json.load(f) == vision_zero.warmup_settings(cfg)
+    toybase.copy_verified(vision_zero.SHIPPED_GAME_BASE, str(tmp_path / "copy"))
+    assert os.path.isfile(tmp_path / "copy" / "model.safetensors")
+
+
+def _two_games():
+    """Two played games as `score` reads them (no model): 3 players, 1 round, 2 votes each."""
+    games = [spy.Game(0, 2, 3), spy.Game(1, 3, 3)]
+    votes = [[[2, 2], [2, spy.NA]], [[1, 3], [None, 1]]]  # game 0: voters 1, 3; game 1: 1, 2
+    return [SimpleNamespace(games=[g], turns=[[spy.Turn(k, 1, "", "x") for k in (1, 2, 3)]],
+                            clue_owner=[(0, k) for k in (1, 2, 3)],
+                            vote_owner=[(0, v) for v in g.civilians()], votes=votes[i])
+            for i, g in enumerate(games)]
+
+
+def _score_worker(folder):
+    import distributed
+
+    cfg = load_config(os.path.join(ROOT, "configs", "vision-zero.yaml"), ["spy.group_size=2"])
+    baselines = spy.RoleBaselines(0.95)
+    clue, vote, stats = vision_zero.score(_two_games()[distributed.rank()], baselines, cfg.spy)
+    torch.save({"clue": clue, "vote": vote, "stats": stats, "baselines": baselines.state_dict()},
+               os.path.join(folder, f"score{distributed.rank()}.pt"))
+
+
+def test_scoring_over_two_processes_equals_one(tmp_path):
+    """Each of 2 gloo ranks scores one game: the role baselines and the step's statistics are
+    those of one process scoring both games; each rank's advantages are its games' rows."""
+    from test_distributed import spawn_two
+
+    spawn_two(_score_worker, str(tmp_path))
+    cfg = load_config(os.path.join(ROOT, "configs", "vision-zero.yaml"), ["spy.group_size=2"])
+    a, b = _two_games()
+    both = SimpleNamespace(games=a.games + b.games, turns=a.turns + b.turns,
+                           clue_owner=a.clue_owner + [(1, k) for _, k in b.clue_owner],
+                           vote_owner=a.vote_owner + [(1, v) for _, v in b.vote_owner],
+                           votes=a.votes + b.votes)
+    baselines = spy.RoleBaselines(0.95)
+    clue, vote, stats = vision_zero.score(both, baselines, cfg.spy)
+    ranks = [torch.load(tmp_path / f"score{r}.pt", weights_only=False) for r in (0, 1)]
+    for r in ranks:
+        assert r["baselines"] == pytest.approx(baselines.state_dict())
+        assert r["stats"] == pytest.approx(stats)
+    assert torch.allclose(torch.cat([r["clue"][1] for r in ranks]), clue[1])
+    assert torch.allclose(torch.cat([r["vote"][1] for r in ranks]), vote[1])
+    # by hand: game 0 spy 2 gets 1 + 0.5 votes, civilians 0; game 1 spy 3 gets 0.5, civilian 1 gets
+    # 0.5 + 0.5 (one invalid sample counts for nobody)
+    assert stats["vote_acc"] == pytest.approx(4 / 8) and stats["na_rate"] == pytest.approx(1 / 8)
+    assert stats["clue_reward_spy"] == pytest.approx((-0.1 * 1.5 - 0.1 * (0.5 - 0.5)) / 2)
