@@ -61,19 +61,20 @@ def check_sources(cfg):
     folder or manifest, a missing benchmark file or one without a usable row is a ConfigError
     naming the key.
     """
+    game = cfg.method == "vision-zero"  # image pairs (spy.pairs) instead of a pool of images
     if cfg.model.path is not None:
         try:
             check_model_dir(cfg.model.path)
         except FileNotFoundError as error:
             raise ConfigError(f"model.path: {error}, or leave model.path empty for the embedded "
                               "default") from None
-        if cfg.method == "vision-zero" and cfg.spy.pairs is None:
+        if game and cfg.spy.pairs is None:
             raise ConfigError("spy.pairs: a game on model.path needs a JSONL manifest of image "
                               "pairs, one {\"original\": path, \"edited\": path} per line")
-        if cfg.data.images is None and cfg.method != "vision-zero":
+        if not game and cfg.data.images is None:
             raise ConfigError("data.images: a run on model.path needs a folder or a JSONL "
                               "manifest of images")
-    if cfg.method == "vision-zero" and cfg.spy.pairs is not None:
+    if game and cfg.spy.pairs is not None:
         import spy
 
         try:

@@ -168,6 +168,7 @@ PROMPTS = {
         "clue_line": "Player {player}: {clue}",
         "own_line": "Player {player} (you): {reasoning} \\boxed{{{clue}}}",
         "no_clue": "(no valid clue)",
+        "separator": "\n",
     },
     "compact": {
         "clue": "spy game, round {round}. you are player {player} of {players}, {role}. "
@@ -185,6 +186,7 @@ PROMPTS = {
         "clue_line": "{player}: {clue}",
         "own_line": "{player}: {clue}",
         "no_clue": "none",
+        "separator": "; ",
     },
 }
 
@@ -215,7 +217,7 @@ def history_text(turns, viewer, style):
             lines.append(p["clue_line"].format(player=turn.player, clue=clue))
     if not lines:
         return p["first"]
-    return ("\n" if style == "paper" else "; ").join(lines)
+    return p["separator"].join(lines)
 
 
 def clue_prompt_text(game, player, round_number, turns, *, style, difference):

@@ -174,7 +174,7 @@ class Played:
     vote_rollout: object          # `Rollout`: group_size rows per vote prompt
     vote_owner: list              # (game, voter) of each vote prompt (voter None: observer)
     votes: list                   # per vote prompt, its parsed samples (seat, spy.NA or None)
-    texts: dict                   # "clues", "votes": decoded completions, for the game files
+    clue_texts: list              # each clue row's decoded completion, for the game files
 
 
 def play(run, policy, processor, tokens, games, images, step):
@@ -229,7 +229,7 @@ def play(run, policy, processor, tokens, games, images, step):
     batches = [list(range(j * len(games), (j + 1) * len(games))) for j in range(len(clue_parts))]
     clue_rollout = concat_rollouts(clue_parts, tokens.pad_id, batches)
     return Played(games, turns, clue_prompts, clue_rollout, clue_owner, vote_prompts,
-                  vote_rollout, vote_owner, votes, {"clues": clue_texts, "votes": vote_texts})
+                  vote_rollout, vote_owner, votes, clue_texts)
 
 
 # ----------------------------------------------------------------------------
@@ -255,12 +255,10 @@ def score(played, baselines, settings):
     spy_sum = sum(r[g.spy] for r, g in zip(rewards, games))
     civilian_sum = sum(sum(r[k] for k in g.civilians()) / len(g.civilians())
                        for r, g in zip(rewards, games))
-    vote_rewards = torch.tensor([spy.decision_reward(v, games[i].spy)
-                                 for (i, _), samples in zip(played.vote_owner, played.votes)
-                                 for v in samples])
-    vote_adv = group_advantages(vote_rewards, settings.group_size)
     flat = [(v, games[i].spy) for (i, _), samples in zip(played.vote_owner, played.votes)
-            for v in samples]
+            for v in samples]  # (vote, the spy) per vote sample, in row order
+    vote_rewards = torch.tensor([spy.decision_reward(v, s) for v, s in flat])
+    vote_adv = group_advantages(vote_rewards, settings.group_size)
     plural_right = 0
     for (i, _), samples in zip(played.vote_owner, played.votes):
         counts = {v: samples.count(v) for v in set(samples)}
@@ -328,7 +326,7 @@ def _switch(settings):
 def _game_rows(played):
     """One row per game: the pair, the spy's seat, every clue (raw text and parsed), the votes."""
     raw = [[] for _ in played.games]  # clue rows run round by round, seat by seat, game by game
-    for (i, _), text in zip(played.clue_owner, played.texts["clues"]):
+    for (i, _), text in zip(played.clue_owner, played.clue_texts):
         raw[i].append(text)
     rows = []
     for i, game in enumerate(played.games):

@@ -9,6 +9,7 @@ Seeds other than 0 build their own toy base first (about 14 minutes each on 2 co
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +37,6 @@ def mean(values):
 
 def seed_row(folder, window):
     """One seed's figures from its finished run directory."""
-    import json
-
     evals = []
     for i in (0, 1):
         with open(os.path.join(folder, f"eval_v{i}.json")) as f:
