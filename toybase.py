@@ -23,7 +23,7 @@ from data import atomic_path
 from grpo import completion_logprobs
 from roles import questioner_prompt, reasoner_prompt
 from sampler import special_tokens
-from toyworld import (FAMILIES, WorldConfig, corpus, make_question, pool_questions,
+from toyworld import (FAMILIES, WorldConfig, corpus, cut_list, make_question, pool_questions,
                       pretraining_scene, questioner_target, world_tokens, write_benchmark,
                       write_pool, write_questions)
 from vlm import build_tiny_vlm, save_vlm
@@ -48,6 +48,8 @@ class BaseConfig:
                                        # the reasoner's
     describe_weight: float = 0.7       # weight of count_total (whose chain names every object):
                                        # long lists stay rare, so the base under-counts big scenes
+    lazy_share: float = 0.4            # share of the reasoner's count lists longer than
+    lazy_after: int = 3                # lazy_after things that stop there, the count to match
     freeze_vision: bool = False        # keep the randomly initialised vision blocks fixed
 
 
@@ -68,6 +70,9 @@ def pretraining_example(rng, processor, world, base):
     image = scene.render()
     if rng.random() < base.questioner_share:
         return questioner_prompt(processor, image), encode_target(processor, questioner_target(q))
+    if (base.lazy_share and q.family.startswith("count") and int(q.answer) > base.lazy_after
+            and rng.random() < base.lazy_share):
+        q = cut_list(q, base.lazy_after)
     return reasoner_prompt(processor, image, q.question), encode_target(processor, q.solution)
 
 

@@ -20,7 +20,7 @@ folder and never a label file (none is written for the pool).
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -209,6 +209,15 @@ def make_question(family, scene, rng):
         return _count(family, scene, rng)
     writers = {"exists": _exists, "compare": _compare}
     return writers[family](scene, rng)
+
+
+def cut_list(q, keep):
+    """A count question `q` whose chain lists only its first `keep` things, and whose answer is
+    that shorter count: a lazy annotator's label for a crowded scene (`BaseConfig.lazy_share`)."""
+    target, listed = q.solution.split(": ", 1)
+    words = listed.split(". \\boxed")[0].split()
+    names = [" ".join(words[i:i + 2]) for i in range(0, 2 * keep, 2)]
+    return replace(q, answer=str(keep), solution=f"{target}: {' '.join(names)}. \\boxed{{{keep}}}")
 
 
 def questioner_target(q):

@@ -124,7 +124,9 @@ def build_game_base(source, dest, settings):
     started = time.perf_counter()
     model, processor = load_vlm(source)
     torch.manual_seed(seed_for(settings["seed"], "warm-up"))
-    base = toybase.BaseConfig(steps=settings["steps"], lr=1e-3, batch_size=32)
+    # the replayed pretraining examples keep their full lists (lazy_share 0): lazy lists are
+    # VisPlay's premise, not the game's, and the shipped game base was warmed up this way
+    base = toybase.BaseConfig(steps=settings["steps"], lr=1e-3, batch_size=32, lazy_share=0.0)
     example = partial(warmup_example, players=settings["players"], rounds=settings["rounds"],
                       difference=settings["difference"])
     toybase.pretrain(model, processor, world=toyworld.WorldConfig(), base=base,
@@ -443,7 +445,9 @@ def run_game(cfg):
 
 def main(argv=None):
     """`python vision_zero.py --rebuild`: build seed 0's game base again into embedded_game_base/
-    with its checksums, from the shipped toy base and configs/vision-zero.yaml's game."""
+    with its checksums, from configs/vision-zero.yaml's game and the toy base it was warmed up
+    from: seed 0's base of the earlier recipe without lazy lists (`toybase.BaseConfig` with
+    lazy_share 0; the shipped embedded_base/ has them), rebuilt first (about 14 minutes)."""
     import argparse
     import shutil
 
@@ -459,7 +463,10 @@ def main(argv=None):
                                    "vision-zero.yaml"), [f"seed={toybase.SHIPPED_SEED}"])
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
-    build_game_base(toybase.SHIPPED_BASE, args.out, warmup_settings(cfg))
+    source = args.out.rstrip("/") + ".toy_base"
+    toybase.build_base(source, toybase.SHIPPED_SEED, base=toybase.BaseConfig(lazy_share=0.0))
+    build_game_base(source, args.out, warmup_settings(cfg))
+    shutil.rmtree(source)
     toybase.write_checksums(args.out)
 
 

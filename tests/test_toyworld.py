@@ -3,6 +3,7 @@ directions."""
 
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -297,3 +298,41 @@ def test_the_shipped_base_verifies_and_loads(tmp_path):
     assert model.config.text_config.vocab_size >= len(processor.tokenizer)
     pieces = processor.tokenizer.tokenize("Found: red circle b3.")
     assert " red circle" in pieces and " b3" in pieces
+
+
+def test_cut_list_by_hand():
+    """A lazy annotator's label: the chain keeps its first `keep` things and the count matches."""
+    q = toyworld.Question("count_total", "numerical", "How many objects are there?", "5", None,
+                          "all: red circle blue square red square green triangle red circle. "
+                          "\\boxed{5}")
+    cut = toyworld.cut_list(q, 3)
+    assert cut.solution == "all: red circle blue square red square. \\boxed{3}"
+    assert (cut.answer, cut.question, cut.family) == ("3", q.question, "count_total")
+
+
+def test_lazy_share_cuts_only_crowded_count_lists():
+    """With lazy_share 1 every reasoner count chain of more than lazy_after things stops there
+    (and its count says so); with 0 the same draws keep their long lists. Other families and the
+    questioner's targets are never cut."""
+    import toybase
+    from vlm import load_vlm
+
+    _, processor = load_vlm(toybase.SHIPPED_BASE)
+    world = WorldConfig()
+    pattern = r"^(\w+): (.*)\. \\boxed\{(\d+)\}"
+
+    def count_chains(share):
+        rng, chains = random.Random(3), []
+        for _ in range(600):
+            _, target = toybase.pretraining_example(
+                rng, processor, world, toybase.BaseConfig(lazy_share=share, lazy_after=3))
+            text = processor.tokenizer.decode(target, skip_special_tokens=True)
+            match = re.match(pattern, text)
+            if match and match.group(2) != "none":
+                chains.append((len(match.group(2).split()) // 2, int(match.group(3))))
+        return chains
+
+    lazy, full = count_chains(1.0), count_chains(0.0)
+    assert all(listed == count for listed, count in lazy + full)  # the count matches the list
+    assert max(count for _, count in lazy) == 3
+    assert max(count for _, count in full) > 3
