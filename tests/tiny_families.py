@@ -54,7 +54,7 @@ def _qwen3_vl(corpus):
     images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
                                       min_pixels=32 * 32, max_pixels=32 * 32 * 16)
     config = Qwen3VLConfig(
-        text_config=dict(**TEXT, vocab_size=len(tok), head_dim=16, pad_token_id=ids("<|endoftext|>"),
+        text_config=dict(**TEXT, vocab_size=len(tok), head_dim=16, pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
