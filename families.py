@@ -26,6 +26,7 @@ from transformers import (
     InternVLProcessor,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
 )
@@ -84,7 +85,9 @@ class Family:
     cache: str                # the layers of its KV cache (transformers' DynamicCache)
     shared_prefix: str        # how G completions share one prompt encoding in training:
     # "mask": prompt + G completion slots in one sequence, a 4D mask keeps the slots apart;
-    # "mask per layer type": the same with one mask per attention type (sliding window layers)
+    # "mask per layer type": the same with one mask per attention type (sliding window layers);
+    # "prompt cache": the prompts forwarded once into a cache, each completion continuing from
+    # its prompt's row (recurrent layers ignore masks: `prompt_cache.py`)
 
 
 QWEN_EOS = ("<|im_end|>", "<|endoftext|>")
@@ -99,6 +102,10 @@ FAMILIES = {
     "qwen2_vl": Family("Qwen2-VL", Qwen2VLForConditionalGeneration, ImageProcessor, **_QWEN),
     "qwen3_vl": Family("Qwen3-VL", Qwen3VLForConditionalGeneration, Qwen3VLImageProcessor,
                        **_QWEN),
+    # Qwen3.5: as Qwen3-VL, but 3 of 4 language layers are linear attention
+    "qwen3_5": Family("Qwen3.5", Qwen3_5ForConditionalGeneration, Qwen3VLImageProcessor,
+                      **{**_QWEN, "cache": "linear attention (recurrent state) + full attention",
+                         "shared_prefix": "prompt cache"}),
     "internvl": Family(
         "InternVL", InternVLForConditionalGeneration, InternVLImageProcessor, rope="1d",
         image_inputs=(), image_mask=None, eos_tokens=QWEN_EOS,

@@ -29,6 +29,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import distributed
+from families import family_of
+from prompt_cache import collate_prompt_cache, prompt_cache_hidden
 from sampler import Rollout, collate, collate_groups
 
 # ----------------------------------------------------------------------------
@@ -57,16 +59,20 @@ def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_
 
     batch: `sampler.collate`'s model inputs for n rows of P + T positions; targets [n, T], the
     completion tokens. Or, with `gather`, `sampler.collate_groups`'s (one sequence per group) and
-    the flat index of the state that predicts each completion token. Returns (logprobs [n, T],
+    the flat index of the state that predicts each completion token. Or
+    `prompt_cache.collate_prompt_cache`'s (the prompts, then the completions from their cache). Returns (logprobs [n, T],
     entropy [n, T] or None).
     Under FSDP2 this runs as a registered forward method of the root module
     (`distributed.shard_model`), so the root's own weights (embeddings, lm_head) are gathered.
     """
-    hidden = model.model(**batch, use_cache=False).last_hidden_state
     width = targets.shape[1]
-    if gather is not None:
+    if "prompt" in batch:  # the prompts' cache shared by their completions (Qwen3.5)
+        hidden = prompt_cache_hidden(model, batch)
+    elif gather is not None:
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
         hidden = hidden.flatten(0, 1)[gather]  # [n, T, H]: the state before each token
     else:
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
         start = hidden.shape[1] - width
         hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token
     weight = model.lm_head.weight
@@ -101,7 +107,9 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
     group of G costs P + G x T positions instead of G x (P + T), vision tower included.
     """
     gather = None
-    if shared_prefix:
+    if shared_prefix and family_of(model).shared_prefix == "prompt cache":
+        batch = collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask)
+    elif shared_prefix:
         batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask)
     else:
         batch = collate(model, prompts, tokens, completion_ids=completion_ids,

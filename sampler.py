@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from families import family_of
+from prompt_cache import concat_rows, repeat_rows, select_rows
 
 
 @dataclass
@@ -318,13 +319,7 @@ def _prefill(model, prompts, tokens, prefill_tokens):
         logits.append(out.logits[:, -1])
         masks.append(batch["attention_mask"])
         positions.append(batch["position_ids"])
-    cache = caches[0]
-    if len(caches) > 1:  # one cache for the whole batch: every layer's rows, chunk after chunk
-        for index, layer in enumerate(cache.layers):
-            chunks = [c.layers[index] for c in caches]
-            if getattr(layer, "keys", None) is not None:  # keys and values (a KV-shared layer
-                layer.keys = torch.cat([c.keys for c in chunks])  # of Gemma 4 holds none)
-                layer.values = torch.cat([c.values for c in chunks])
+    cache = concat_rows(caches)  # one cache for the whole batch, chunk after chunk
     return cache, torch.cat(logits), torch.cat(masks), torch.cat(positions, dim=-2)
 
 
@@ -384,7 +379,7 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
     """
     device = _device(model)
     cache, logits, attention_mask, position_ids = _prefill(model, prompts, tokens, prefill_tokens)
-    cache.batch_repeat_interleave(group_size)
+    repeat_rows(cache, group_size)
     logits = logits.repeat_interleave(group_size, dim=0)
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
     # First generated position of each row: one past the largest rope position of its prompt
@@ -427,7 +422,7 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
                 break
             if still <= len(rows) // 2:  # drop the finished rows, all at once
                 keep = running.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
+                select_rows(cache, keep)
                 rows, running, step_input = rows[keep], running[keep], step_input[keep]
                 attention_mask = attention_mask[keep]
         position = (next_position[rows] + step).view(1, -1, 1).expand(rope_rows, -1, 1)

@@ -3,7 +3,7 @@ processor, built offline in well under a second (hidden size 64, 2 layers, a 300
 
 `build(model_type, path=None)` returns (model, processor); with `path` both are saved there
 (`vlm.save_vlm`), so `vlm.load_vlm` loads them as it loads a real checkpoint. Image geometry is
-shrunk with the models: Qwen3-VL keeps patch 16 x merge 2 (image sides multiples of 32);
+shrunk with the models: Qwen3-VL and Qwen3.5 keep patch 16 x merge 2 (sides multiples of 32);
 InternVL's tiles are 56 px (4 tokens each, up to 4 tiles + thumbnail); Gemma 3's one 32 px tile
 gives 4 tokens, and its sliding window (4 tokens) is shorter than every prompt.
 """
@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (Gemma3Config, Gemma3ImageProcessorPil, GotOcr2ImageProcessorPil,
                           InternVLConfig, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil,
-                          Qwen3VLConfig)
+                          Qwen3_5Config, Qwen3VLConfig)
 
 from families import FAMILIES
 from vlm import save_vlm
@@ -44,26 +44,53 @@ def tokenizer(special, corpus, vocab_size=300, **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **kwargs)
 
 
-def _qwen3_vl(corpus):
-    tok = tokenizer(QWEN, corpus, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+def _qwen_tokenizer(corpus):
+    return tokenizer(QWEN, corpus, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                     extra_special_tokens={"image_token": "<|image_pad|>",
                                           "video_token": "<|video_pad|>",
                                           "vision_start_token": "<|vision_start|>",
                                           "vision_end_token": "<|vision_end|>"})
-    ids = tok.convert_tokens_to_ids
+
+
+def _qwen3_parts(tok):
+    """Qwen3-VL and Qwen3.5's image processor (patch 16 x merge 2) and vision config."""
     images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
                                       min_pixels=32 * 32, max_pixels=32 * 32 * 16)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  num_position_embeddings=64)
+    ids = tok.convert_tokens_to_ids
+    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"),
+                  vision_end_token_id=ids("<|vision_end|>"))
+    return images, vision, tokens
+
+
+def _qwen3_vl(corpus):
+    tok = _qwen_tokenizer(corpus)
+    images, vision, tokens = _qwen3_parts(tok)
     config = Qwen3VLConfig(
         text_config=dict(**TEXT, vocab_size=len(tok), head_dim=16, pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=64, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        vision_config=dict(**vision, deepstack_visual_indexes=[0]), **tokens,
         tie_word_embeddings=False)
+    return config, dict(image_processor=images, tokenizer=tok)
+
+
+def _qwen3_5(corpus):
+    """Layer 0 linear attention (recurrent state), layer 1 full attention."""
+    tok = _qwen_tokenizer(corpus)
+    images, vision, tokens = _qwen3_parts(tok)
+    text = dict(**TEXT, vocab_size=len(tok), head_dim=16, pad_token_id=tok.pad_token_id,
+                linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                linear_num_key_heads=2, linear_num_value_heads=4,
+                layer_types=["linear_attention", "full_attention"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2],
+                                 "mrope_interleaved": True})
+    config = Qwen3_5Config(
+        text_config=text, vision_config=vision, **tokens, tie_word_embeddings=False)
     return config, dict(image_processor=images, tokenizer=tok)
 
 
@@ -104,7 +131,8 @@ def _gemma3(corpus):
     return config, dict(image_processor=images, tokenizer=tok, image_seq_length=4)
 
 
-BUILDERS = {"qwen3_vl": _qwen3_vl, "internvl": _internvl, "gemma3": _gemma3}
+BUILDERS = {"qwen3_vl": _qwen3_vl, "qwen3_5": _qwen3_5,
+            "internvl": _internvl, "gemma3": _gemma3}
 
 
 def build(model_type, path=None, *, corpus=CORPUS, seed=0):
