@@ -60,8 +60,8 @@ def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_
     batch: `sampler.collate`'s model inputs for n rows of P + T positions; targets [n, T], the
     completion tokens. Or, with `gather`, `sampler.collate_groups`'s (one sequence per group) and
     the flat index of the state that predicts each completion token. Or
-    `prompt_cache.collate_prompt_cache`'s (the prompts, then the completions from their cache). Returns (logprobs [n, T],
-    entropy [n, T] or None).
+    `prompt_cache.collate_prompt_cache`'s (the prompts, then the completions from their cache).
+    Returns (logprobs [n, T], entropy [n, T] or None).
     Under FSDP2 this runs as a registered forward method of the root module
     (`distributed.shard_model`), so the root's own weights (embeddings, lm_head) are gathered.
     """
