@@ -97,8 +97,12 @@ def load_vlm(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"
         model = model_class.from_pretrained(path, dtype=dtype,
                                             attn_implementation=attn_implementation).to(device)
     processor = family.processor_class.from_pretrained(path)
-    if processor.chat_template is None:
-        processor.chat_template = processor.tokenizer.chat_template or family.chat_template
+    template = processor.chat_template or processor.tokenizer.chat_template
+    if template is None or processor.image_token not in template:
+        # none, or one that writes another image placeholder than the one the processor expands
+        # (InternVL's hub templates write <image>; its processor expands <IMG_CONTEXT>)
+        template = family.chat_template
+    processor.chat_template = template
     return model, processor
 
 

@@ -327,3 +327,28 @@ def test_one_loop_iteration_on_internvl(tmp_path, image_dir, benchmark_file):
     for checkpoint in ("questioner_v1", "reasoner_v1"):
         model, _ = load_vlm(os.path.join(run_dir, checkpoint))
         assert type(model) is FAMILIES["internvl"].model_class
+
+
+def test_a_template_writing_another_image_placeholder_is_replaced(tmp_path):
+    """InternVL's hub templates write <image> for an image, which its processor does not expand:
+    `load_vlm` then uses the family's template (and keeps one that writes <IMG_CONTEXT>)."""
+    family = FAMILIES["internvl"]
+    model, processor = tiny_families.build("internvl")
+    processor.chat_template = family.chat_template.replace("<IMG_CONTEXT>", "<image>")
+    save_vlm(model, processor, str(tmp_path / "hub"))
+    assert load_vlm(str(tmp_path / "hub"))[1].chat_template == family.chat_template
+    own = family.chat_template.replace("{% for message", "{{ 'System.' }}{% for message")
+    processor.chat_template = own
+    save_vlm(model, processor, str(tmp_path / "own"))
+    assert load_vlm(str(tmp_path / "own"))[1].chat_template == own
+
+
+@pytest.mark.parametrize("preset", ["qwen3-vl-8b", "qwen3.5-4b", "internvl3.5-8b", "gemma-3-4b"])
+def test_family_presets_are_valid_configs(preset):
+    """Each family's preset passes the config checks and keeps the paper's GRPO settings."""
+    from config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", f"{preset}.yaml"))
+    assert cfg.model.dtype == "bfloat16" and cfg.model.activation_checkpointing
+    assert cfg.reasoner.group_size == cfg.questioner.group_size == 8
