@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
+    Gemma4ForConditionalGeneration,
+    Gemma4Processor,
     InternVLForConditionalGeneration,
     InternVLProcessor,
     Qwen2_5_VLForConditionalGeneration,
@@ -30,6 +32,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
 )
+from transformers.processing_utils import ProcessorMixin
 
 from vlm import CHAT_TEMPLATE, VISION_TOKENS, ImageProcessor
 
@@ -51,6 +54,29 @@ class InternVLImageProcessor(InternVLProcessor):
                          image_seq_length=image_seq_length, chat_template=chat_template, **kwargs)
 
 
+class Gemma4ImageProcessor(Gemma4Processor):
+    """`Gemma4Processor` for images only (no audio feature extractor, no video processor, hence no
+    torchvision). Its `__init__` hands its parts to `ProcessorMixin` by keyword, so it is copied
+    here without them; unlike the stock one it does not add <|video|> to the tokenizer. The
+    tokenizer must still name boa_token / eoa_token: the stock input check refuses every call
+    otherwise (an operator-precedence slip in transformers' `validate_inputs`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
+                 image_seq_length=280, audio_seq_length=750, audio_ms_per_token=40, **kwargs):
+        self.image_seq_length = image_seq_length
+        self.image_token_id = tokenizer.image_token_id
+        self.boi_token, self.eoi_token = tokenizer.boi_token, tokenizer.eoi_token
+        self.image_token = tokenizer.image_token
+        self.video_token = self.video_token_id = None
+        self.audio_seq_length, self.audio_ms_per_token = audio_seq_length, audio_ms_per_token
+        self.audio_token_id = getattr(tokenizer, "audio_token_id", None)
+        self.audio_token = getattr(tokenizer, "audio_token", None)
+        self.boa_token = getattr(tokenizer, "boa_token", None)
+        self.eoa_token = getattr(tokenizer, "eoa_token", None)
+        ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=chat_template, **kwargs)
+
+
 # InternVL: Qwen's turns; the processor expands <IMG_CONTEXT> to <img> + 256 per tile + </img>.
 INTERNVL_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>",
                                           "<IMG_CONTEXT>\n")
@@ -65,6 +91,9 @@ GEMMA3_TEMPLATE = (
     "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
+# Gemma 4: the processor expands <|image|> to its soft tokens between <|image> and <image|>.
+GEMMA4_TEMPLATE = (GEMMA3_TEMPLATE.replace("<start_of_turn>", "<|turn>")
+                   .replace("<end_of_turn>", "<turn|>").replace("<start_of_image>", "<|image|>"))
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,9 @@ class Family:
     rope: str                 # "mrope": [3, B, L] positions from get_rope_index; "1d": [B, L]
     image_inputs: tuple       # `Prompt` fields the forward takes besides pixel_values
     image_mask: str | None    # forward kwarg naming image tokens (bidirectional image attention)
+    image_attention: str      # "causal"; "bidirectional": an image token sees its whole image;
+    # "config": bidirectional if text_config.use_bidirectional_attention == "vision" (Gemma 4)
+    softcap: bool             # the model caps its logits at text_config.final_logit_softcapping
     eos_tokens: tuple         # end a completion (with the tokenizer's eos_token)
     banned_tokens: tuple      # only the processor places them: never sampled
     chat_template: str        # for a checkpoint without one
@@ -91,7 +123,8 @@ class Family:
 
 
 QWEN_EOS = ("<|im_end|>", "<|endoftext|>")
-_QWEN = dict(rope="mrope", image_inputs=("image_grid_thw",), image_mask=None, eos_tokens=QWEN_EOS,
+_QWEN = dict(rope="mrope", image_inputs=("image_grid_thw",), image_mask=None,
+             image_attention="causal", softcap=False, eos_tokens=QWEN_EOS,
              banned_tokens=tuple(VISION_TOKENS), chat_template=CHAT_TEMPLATE, pixel_limits=True,
              vision_blocks="visual.blocks", vision_modules=(".visual.",), cache="full attention",
              shared_prefix="mask")
@@ -108,7 +141,8 @@ FAMILIES = {
                          "shared_prefix": "prompt cache"}),
     "internvl": Family(
         "InternVL", InternVLForConditionalGeneration, InternVLImageProcessor, rope="1d",
-        image_inputs=(), image_mask=None, eos_tokens=QWEN_EOS,
+        image_inputs=(), image_mask=None, image_attention="causal", softcap=False,
+        eos_tokens=QWEN_EOS,
         banned_tokens=("<img>", "</img>", "<IMG_CONTEXT>", "<video>", *VISION_TOKENS),
         chat_template=INTERNVL_TEMPLATE, pixel_limits=False,
         vision_blocks="vision_tower.encoder.layer",
@@ -116,12 +150,24 @@ FAMILIES = {
         shared_prefix="mask"),
     "gemma3": Family(
         "Gemma 3", Gemma3ForConditionalGeneration, Gemma3Processor, rope="1d", image_inputs=(),
-        image_mask="token_type_ids", eos_tokens=("<end_of_turn>", "<eos>"),
+        image_mask="token_type_ids", image_attention="bidirectional", softcap=False,
+        eos_tokens=("<end_of_turn>", "<eos>"),
         banned_tokens=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
         chat_template=GEMMA3_TEMPLATE, pixel_limits=False,
         vision_blocks="vision_tower.encoder.layers",
         vision_modules=(".vision_tower.", ".multi_modal_projector."),
         cache="sliding window + full attention", shared_prefix="mask per layer type"),
+    "gemma4": Family(
+        "Gemma 4", Gemma4ForConditionalGeneration, Gemma4ImageProcessor, rope="1d",
+        image_inputs=("image_position_ids",), image_mask="mm_token_type_ids",
+        image_attention="config", softcap=True, eos_tokens=("<turn|>", "<eos>"),
+        banned_tokens=("<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>",
+                       "<|audio|>"),
+        chat_template=GEMMA4_TEMPLATE, pixel_limits=False,
+        vision_blocks="vision_tower.encoder.layers",
+        vision_modules=(".vision_tower.", ".embed_vision."),
+        cache="sliding window + full attention (+ layers reading another's KV)",
+        shared_prefix="mask per layer type"),
 }
 
 

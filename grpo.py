@@ -37,9 +37,13 @@ from sampler import Rollout, collate, collate_groups
 # Log-probs of completions under a model
 
 
-def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids, with_entropy):
-    """Project hidden [n, t, H] to the vocabulary; log-probs of targets [n, t] (+ entropy)."""
+def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids, with_entropy,
+                    softcap=None):
+    """Project hidden [n, t, H] to the vocabulary; log-probs of targets [n, t] (+ entropy).
+    softcap: logits become softcap * tanh(logits / softcap), as the model's forward makes them."""
     logits = F.linear(hidden, lm_head_weight).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logits[..., banned_ids] = -math.inf
     if temperature > 0:
         logits = logits / temperature
@@ -78,6 +82,8 @@ def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_
     weight = model.lm_head.weight
     logprobs, entropies = [], []
     options = dict(temperature=temperature, banned_ids=banned_ids, with_entropy=with_entropy)
+    if family_of(model).softcap:  # (Gemma 4)
+        options["softcap"] = model.config.get_text_config().final_logit_softcapping
     for s in range(0, width, chunk_size):
         args = (hidden[:, s:s + chunk_size], weight, targets[:, s:s + chunk_size])
         if torch.is_grad_enabled():

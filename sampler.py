@@ -37,6 +37,7 @@ class Prompt:
                                   # InternVL: [tiles, 3, 448, 448]; Gemma 3: [images, 3, 896, 896]
     image_grid_thw: torch.Tensor | None = None  # Qwen: [images, 3] patch grid (t, h, w) of each
                                                 # image, in prompt order
+    image_position_ids: torch.Tensor | None = None  # Gemma 4: [images, patches, 2] patch (x, y)
 
 
 @dataclass
@@ -207,16 +208,18 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
 
 def _masks_per_layer_type(model, mask, input_ids, position_ids, tokens, family):
     """Gemma's masks for a packed batch, as its model builds them for one row per completion: full
-    attention layers see `mask`, plus (with `image_mask`) every token of their own image for an
-    image token; sliding layers see the same within the window, measured on positions (a
+    attention layers see `mask`, plus (bidirectional image attention) every token of their own
+    image for an image token; sliding layers see the same within the window, measured on positions (a
     completion slot does not sit next to its prompt in the packed row, its positions do).
     A single 4D mask would reach every layer unchanged: no window, no image blocks."""
-    if family.image_mask is not None:
+    text = model.config.get_text_config()
+    if family.image_attention == "bidirectional" or (
+            family.image_attention == "config" and text.use_bidirectional_attention == "vision"):
         is_image = input_ids == tokens.image_token_id
         starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
         block = torch.where(is_image, starts.long().cumsum(-1), 0)  # 0: not an image token
         mask = mask | ((block.unsqueeze(2) == block.unsqueeze(1)) & is_image.unsqueeze(2))[:, None]
-    window = model.config.get_text_config().sliding_window
+    window = text.sliding_window
     near = position_ids.unsqueeze(1) > position_ids.unsqueeze(2) - window  # [B, query, key]
     return {"full_attention": mask, "sliding_attention": mask & near[:, None]}
 

@@ -26,7 +26,7 @@ from test_distributed import _full_state, spawn_two
 from test_distributed import _prompts as fsdp_prompts
 from vlm import load_vlm, save_vlm
 
-FAMILY_TYPES = list(tiny_families.BUILDERS)  # qwen3_vl, qwen3_5, internvl, gemma3
+FAMILY_TYPES = list(tiny_families.BUILDERS)  # qwen3_vl, qwen3_5, internvl, gemma3, gemma4
 
 
 def noise_image(width, height, seed):
@@ -83,6 +83,7 @@ def test_builds_and_loads_with_its_own_classes_and_renders_an_image_prompt(tiny)
                 "gemma3": ("<bos><start_of_turn>user\n<start_of_image>What?<end_of_turn>\n"
                            "<start_of_turn>model\n")}
     expected["qwen3_5"] = expected["qwen3_vl"]
+    expected["gemma4"] = "<bos><|turn>user\n<|image|>What?<turn|>\n<|turn>model\n"
     assert chat == expected[model_type]
     # the processor expanded each image to as many placeholders as the model makes features
     with torch.no_grad():

@@ -10,7 +10,8 @@ gives 4 tokens, and its sliding window (4 tokens) is shorter than every prompt.
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (Gemma3Config, Gemma3ImageProcessorPil, GotOcr2ImageProcessorPil,
+from transformers import (Gemma3Config, Gemma3ImageProcessorPil, Gemma4Config,
+                          Gemma4ImageProcessorPil, GotOcr2ImageProcessorPil,
                           InternVLConfig, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil,
                           Qwen3_5Config, Qwen3VLConfig)
 
@@ -25,6 +26,8 @@ QWEN = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vi
         "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 INTERNVL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
             "<video>"]
+GEMMA4 = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>",
+          "<|image|>", "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
 GEMMA = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
          "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 
@@ -131,8 +134,35 @@ def _gemma3(corpus):
     return config, dict(image_processor=images, tokenizer=tok, image_seq_length=4)
 
 
+def _gemma4(corpus):
+    """4 layers (sliding, full, sliding, full), the last 2 reading the first 2's KV (their cache
+    layers hold nothing); image tokens attend to their whole image; logits soft-capped at 3."""
+    tok = tokenizer(GEMMA4, corpus, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                    unk_token="<unk>",
+                    extra_special_tokens={"boi_token": "<|image>", "eoi_token": "<image|>",
+                                          "image_token": "<|image|>", "audio_token": "<|audio|>",
+                                          "boa_token": "<|audio>", "eoa_token": "<audio|>"})
+    ids = tok.convert_tokens_to_ids
+    images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    config = Gemma4Config(
+        text_config=dict(**{**TEXT, "num_hidden_layers": 4}, vocab_size=len(tok), head_dim=16,
+                         global_head_dim=16, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=len(tok),
+                         num_kv_shared_layers=2, use_bidirectional_attention="vision",
+                         final_logit_softcapping=3.0, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                           patch_size=4, pooling_kernel_size=3, position_embedding_size=64),
+        audio_config=None, boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"),
+        image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
+        audio_token_id=ids("<|audio|>"), boa_token_id=ids("<|audio>"),
+        eoa_token_index=ids("<audio|>"))
+    return config, dict(image_processor=images, tokenizer=tok)
+
+
 BUILDERS = {"qwen3_vl": _qwen3_vl, "qwen3_5": _qwen3_5,
-            "internvl": _internvl, "gemma3": _gemma3}
+            "internvl": _internvl, "gemma3": _gemma3, "gemma4": _gemma4}
 
 
 def build(model_type, path=None, *, corpus=CORPUS, seed=0):
