@@ -209,8 +209,9 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
 def _masks_per_layer_type(model, mask, input_ids, position_ids, tokens, family):
     """Gemma's masks for a packed batch, as its model builds them for one row per completion: full
     attention layers see `mask`, plus (bidirectional image attention) every token of their own
-    image for an image token; sliding layers see the same within the window, measured on positions (a
-    completion slot does not sit next to its prompt in the packed row, its positions do).
+    image for an image token; sliding layers see the same within the window, measured on
+    positions (a completion slot does not sit next to its prompt in the packed row, its
+    positions do).
     A single 4D mask would reach every layer unchanged: no window, no image blocks."""
     text = model.config.get_text_config()
     if family.image_attention == "bidirectional" or (

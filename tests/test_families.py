@@ -165,7 +165,7 @@ def test_shared_prefix_forward_equals_one_row_per_completion(tiny):
     equal the one-row-per-completion forward's (micro-batch cut inside a group)."""
     _, _, model, _, tokens, prompts = tiny
     tokens = common_eos(tokens)
-    result = sample(model, prompts, group_size=3, sampling=Sampling(1.0, 1.0, 0, 8),
+    result = sample(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 8),
                     tokens=tokens, generator=torch.Generator().manual_seed(3))
     rows = [prompts[i] for i in result.prompt_index.tolist()]
     mask = result.completion_mask
@@ -316,7 +316,9 @@ def test_one_loop_iteration_on_internvl(tmp_path, image_dir, benchmark_file):
     model_dir = str(tmp_path / "internvl")
     tiny_families.build("internvl", model_dir, corpus=tiny_corpus())
     run_dir = str(tmp_path / "run")
-    overrides = tiny_overrides(run_dir, model_dir, image_dir, benchmark_file)
+    overrides = tiny_overrides(run_dir, model_dir, image_dir, benchmark_file) + [
+        "eval.max_new_tokens=6", "eval.samples=1", "questioner.max_new_tokens=8",
+        "generation.max_new_tokens=8"]
     visplay.run_loop(load_config("config.yaml", overrides))
     for name in ARTIFACTS:
         assert os.path.exists(os.path.join(run_dir, name)), name
