@@ -6,13 +6,15 @@ and an `lm_head`; the sampler (`sampler.py`), the training forward (`grpo.py`), 
 
 - positions: Qwen's multimodal rope (`model.model.get_rope_index`: image tokens get (t, h, w)
   positions, text continues after the largest) or plain 1-D positions (InternVL, Gemma);
-- how images enter: `pixel_values` plus the family's own inputs (`image_grid_thw` for Qwen; an
-  image-token mask `token_type_ids` for Gemma 3, whose image tokens attend to their whole image);
+- how images enter: `pixel_values` plus the family's own inputs (`image_grid_thw` for Qwen,
+  `image_position_ids` for Gemma 4; an image-token mask for Gemma, whose image tokens attend to
+  their whole image);
 - tokens: which end a turn (EOS) and which only the processor may place (never sampled);
 - the chat template (used when a checkpoint brings none) and the image-only processor class
   (the stock processors also want a video processor, which needs torchvision: not a dependency);
 - FSDP2 units (the vision blocks' path) and the parameter names `freeze_vision` freezes;
-- the KV cache and how a prompt's encoding is shared by its G completions in training.
+- the KV cache and how a prompt's encoding is shared by its G completions in training;
+- whether the model soft-caps its logits (Gemma 4), which the training forward must repeat.
 
 An unsupported `model_type` is refused by `family_of` with the list of supported ones.
 """

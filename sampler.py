@@ -34,7 +34,8 @@ class Prompt:
     """One prompt (its image or images and text) encoded for the model."""
     input_ids: torch.Tensor       # [P] chat-formatted prompt, image placeholders already expanded
     pixel_values: torch.Tensor    # Qwen: [patches, channels * temporal_patch * patch * patch];
-                                  # InternVL: [tiles, 3, 448, 448]; Gemma 3: [images, 3, 896, 896]
+                                  # InternVL: [tiles, 3, 448, 448]; Gemma 3: [images, 3, 896, 896];
+                                  # Gemma 4: [images, patches, 3 * patch * patch]
     image_grid_thw: torch.Tensor | None = None  # Qwen: [images, 3] patch grid (t, h, w) of each
                                                 # image, in prompt order
     image_position_ids: torch.Tensor | None = None  # Gemma 4: [images, patches, 2] patch (x, y)
@@ -105,8 +106,9 @@ def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None
     Returns model inputs: input_ids / attention_mask [n, P + T], position_ids [3, n, P + T] (Qwen's
     multimodal rope: image tokens get (t, h, w) positions, text continues after the largest) or
     [n, P + T] (1-D: 0 at each row's first token), pixel_values (every prompt's, concatenated),
-    and the family's image inputs (Qwen: image_grid_thw [total images, 3]; Gemma 3:
-    token_type_ids [n, P + T], 1 on image tokens, which attend to their whole image).
+    and the family's image inputs (Qwen: image_grid_thw [total images, 3]; Gemma 4:
+    image_position_ids; Gemma: token_type_ids or mm_token_type_ids [n, P + T], 1 on image tokens,
+    which may attend to their whole image).
     """
     family = family_of(model)
     device = _device(model)

@@ -1,8 +1,8 @@
 """The vision-language model on disk: load, save, and build a tiny one offline.
 
-VisPlay trains the model families of `families.py` (Qwen2.5-VL / Qwen2-VL, Qwen3-VL, InternVL,
-Gemma 3). Everything here works from local folders in `save_pretrained` format; nothing is
-downloaded.
+VisPlay trains the model families of `families.py` (Qwen2.5-VL / Qwen2-VL, Qwen3-VL, Qwen3.5,
+InternVL, Gemma 3, Gemma 4). Everything here works from local folders in `save_pretrained`
+format; nothing is downloaded.
 
 - `load_vlm(path)`: model + processor from a folder (a real checkpoint or one this project wrote),
   with the classes of its family.
