@@ -110,10 +110,18 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
     projected to the vocabulary, `chunk_size` positions at a time, and under autograd each chunk is
     recomputed in backward, so [n, P + T, vocab] (or even [n, T, vocab]) logits never exist at once.
     shared_prefix: consecutive rows of one Prompt share one encoding of it (`collate_groups`): a
-    group of G costs P + G x T positions instead of G x (P + T), vision tower included.
+    group of G costs P + G x T positions instead of G x (P + T), vision tower included. (Qwen3.5:
+    through the prompts' cache, `prompt_cache.py`; one row per completion when its layers are
+    checkpointed in training.)
     """
     gather = None
-    if shared_prefix and family_of(model).shared_prefix == "prompt cache":
+    through_cache = shared_prefix and family_of(model).shared_prefix == "prompt cache"
+    if through_cache and model.training and any(getattr(layer, "gradient_checkpointing", False)
+                                                for layer in model.model.language_model.layers):
+        # a checkpointed layer drops the cache (its recomputation would append to it twice), so
+        # with activation checkpointing Qwen3.5 trains one row per completion
+        shared_prefix = through_cache = False
+    if through_cache:
         batch = collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask)
     elif shared_prefix:
         batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask)

@@ -355,3 +355,34 @@ def test_family_presets_are_valid_configs(preset):
     cfg = load_config(os.path.join(root, "configs", f"{preset}.yaml"))
     assert cfg.model.dtype == "bfloat16" and cfg.model.activation_checkpointing
     assert cfg.reasoner.group_size == cfg.questioner.group_size == 8
+
+
+def test_qwen3_5_with_activation_checkpointing_trains_one_row_per_completion():
+    """Checkpointed layers drop a cache (transformers recomputes them without one), so Qwen3.5's
+    shared prefix through the prompts' cache falls back to one row per completion: log-probs and
+    gradients equal the per-row forward without checkpointing (through the cache they would be
+    computed without the prompt)."""
+    model, processor = tiny_families.build("qwen3_5")
+    tokens = special_tokens(processor, model)
+    prompts = [encode_prompt(processor, noise_image(64, 32, 0), "How many?"),
+               encode_prompt(processor, noise_image(32, 32, 1), "Is there a blue square?")]
+    result = sample(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6),
+                    tokens=tokens, generator=torch.Generator().manual_seed(0))
+    rows = [prompts[i] for i in result.prompt_index.tolist()]
+
+    def forward_and_backward(shared):
+        model.zero_grad()
+        logprobs, _ = grpo.completion_logprobs(model, rows, result.completion_ids,
+                                               result.completion_mask, tokens=tokens,
+                                               shared_prefix=shared)
+        (logprobs * result.completion_mask).sum().backward()
+        return logprobs.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                   for p in model.parameters()]
+
+    per_row = forward_and_backward(False)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    checkpointed = forward_and_backward(True)
+    assert masked_max_abs(checkpointed[0], per_row[0], result.completion_mask) <= 1e-5
+    for a, b in zip(per_row[1], checkpointed[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 + 1e-5 * a.abs().max().item())
