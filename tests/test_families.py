@@ -380,7 +380,7 @@ def test_qwen3_5_with_activation_checkpointing_trains_one_row_per_completion():
                                    for p in model.parameters()]
 
     per_row = forward_and_backward(False)
-    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})  # as run.py does
     model.train()
     checkpointed = forward_and_backward(True)
     assert masked_max_abs(checkpointed[0], per_row[0], result.completion_mask) <= 1e-5
