@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from families import vision_blocks
+
 
 def init(device_type, timeout_minutes=60):
     """Join the process group torchrun describes; returns this process's device.
@@ -118,12 +120,13 @@ def my_part(items, blocks=1):
 
 
 def shard_model(model, *, mixed_precision, cpu_offload=False, forward_methods=None):
-    """Shard a Qwen-VL model over the process group with FSDP2 (`fully_shard`).
+    """Shard a vision-language model over the process group with FSDP2 (`fully_shard`).
 
-    Units: each vision block and each language decoder layer is its own unit (it all-gathers its
-    weights just before its forward and frees them after, so one layer's full weights are alive at
-    a time), then the root, which keeps what is left: the embeddings, the vision patch embedding and
-    merger, the final norm and lm_head (tied or not).
+    Units: each vision block (at the family's path, `families.vision_blocks`) and each language
+    decoder layer is its own unit (it all-gathers its weights just before its forward and frees
+    them after, so one layer's full weights are alive at a time), then the root, which keeps what
+    is left: the embeddings, the vision patch embedding and merger (projector), the final norm
+    and lm_head (tied or not).
 
     mixed_precision: compute in bf16 and reduce gradients in fp32, while the sharded master
         weights stay in their own dtype (fp32 as `Run.load_model` loads them), so small updates
@@ -145,7 +148,7 @@ def shard_model(model, *, mixed_precision, cpu_offload=False, forward_methods=No
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if mixed_precision else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+    for block in list(vision_blocks(model)) + list(model.model.language_model.layers):
         fully_shard(block, mp_policy=precision, offload_policy=offload)
     fully_shard(model, mp_policy=precision, offload_policy=offload)
     for name, function in (forward_methods or {}).items():

@@ -29,15 +29,21 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import distributed
+from families import family_of
+from prompt_cache import collate_prompt_cache, prompt_cache_hidden
 from sampler import Rollout, collate, collate_groups
 
 # ----------------------------------------------------------------------------
 # Log-probs of completions under a model
 
 
-def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids, with_entropy):
-    """Project hidden [n, t, H] to the vocabulary; log-probs of targets [n, t] (+ entropy)."""
+def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids, with_entropy,
+                    softcap=None):
+    """Project hidden [n, t, H] to the vocabulary; log-probs of targets [n, t] (+ entropy).
+    softcap: logits become softcap * tanh(logits / softcap), as the model's forward makes them."""
     logits = F.linear(hidden, lm_head_weight).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logits[..., banned_ids] = -math.inf
     if temperature > 0:
         logits = logits / temperature
@@ -57,21 +63,27 @@ def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_
 
     batch: `sampler.collate`'s model inputs for n rows of P + T positions; targets [n, T], the
     completion tokens. Or, with `gather`, `sampler.collate_groups`'s (one sequence per group) and
-    the flat index of the state that predicts each completion token. Returns (logprobs [n, T],
-    entropy [n, T] or None).
+    the flat index of the state that predicts each completion token. Or
+    `prompt_cache.collate_prompt_cache`'s (the prompts, then the completions from their cache).
+    Returns (logprobs [n, T], entropy [n, T] or None).
     Under FSDP2 this runs as a registered forward method of the root module
     (`distributed.shard_model`), so the root's own weights (embeddings, lm_head) are gathered.
     """
-    hidden = model.model(**batch, use_cache=False).last_hidden_state
     width = targets.shape[1]
-    if gather is not None:
+    if "prompt" in batch:  # the prompts' cache shared by their completions (Qwen3.5)
+        hidden = prompt_cache_hidden(model, batch)
+    elif gather is not None:
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
         hidden = hidden.flatten(0, 1)[gather]  # [n, T, H]: the state before each token
     else:
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
         start = hidden.shape[1] - width
         hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token
     weight = model.lm_head.weight
     logprobs, entropies = [], []
     options = dict(temperature=temperature, banned_ids=banned_ids, with_entropy=with_entropy)
+    if family_of(model).softcap:  # (Gemma 4)
+        options["softcap"] = model.config.get_text_config().final_logit_softcapping
     for s in range(0, width, chunk_size):
         args = (hidden[:, s:s + chunk_size], weight, targets[:, s:s + chunk_size])
         if torch.is_grad_enabled():
@@ -98,10 +110,20 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
     projected to the vocabulary, `chunk_size` positions at a time, and under autograd each chunk is
     recomputed in backward, so [n, P + T, vocab] (or even [n, T, vocab]) logits never exist at once.
     shared_prefix: consecutive rows of one Prompt share one encoding of it (`collate_groups`): a
-    group of G costs P + G x T positions instead of G x (P + T), vision tower included.
+    group of G costs P + G x T positions instead of G x (P + T), vision tower included. (Qwen3.5:
+    through the prompts' cache, `prompt_cache.py`; one row per completion when its layers are
+    checkpointed in training.)
     """
     gather = None
-    if shared_prefix:
+    through_cache = shared_prefix and family_of(model).shared_prefix == "prompt cache"
+    if through_cache and model.training and any(getattr(layer, "gradient_checkpointing", False)
+                                                for layer in model.model.language_model.layers):
+        # a checkpointed layer drops the cache (its recomputation would append to it twice), so
+        # with activation checkpointing Qwen3.5 trains one row per completion
+        shared_prefix = through_cache = False
+    if through_cache:
+        batch = collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask)
+    elif shared_prefix:
         batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask)
     else:
         batch = collate(model, prompts, tokens, completion_ids=completion_ids,

@@ -37,7 +37,8 @@ def encode_prompt(processor, image, text):
                                          add_generation_prompt=True,
                                          tokenize=False)
     inputs = processor(images=images, text=[chat], return_tensors="pt")
-    return Prompt(inputs["input_ids"][0], inputs["pixel_values"], inputs["image_grid_thw"])
+    return Prompt(inputs["input_ids"][0], inputs["pixel_values"], inputs.get("image_grid_thw"),
+                  inputs.get("image_position_ids"))
 
 
 def questioner_prompt(processor, image):

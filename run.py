@@ -33,6 +33,7 @@ from benchmark_files import load_benchmark
 from config import ConfigError, config_to_dict
 from data import ImagePool, atomic_path, list_images, read_jsonl, write_jsonl
 from distributed import gathered, is_sharded, load_into_shards, shard_model
+from families import family_of, is_vision_parameter
 from grpo import FORWARD_METHODS
 from sampler import Limits
 from vlm import check_model_dir, load_vlm, save_vlm
@@ -257,11 +258,12 @@ class Run:
         device = "meta" if sharded else "cpu" if park and not trainable else self.device
         model, processor = load_vlm(path, dtype=dtype, device=device,
                                     attn_implementation=settings.attn_implementation)
-        processor.image_processor.size = {"shortest_edge": settings.min_pixels,
-                                          "longest_edge": settings.max_pixels}
+        if family_of(model).pixel_limits:  # (InternVL and Gemma resize to their fixed tiles)
+            processor.image_processor.size = {"shortest_edge": settings.min_pixels,
+                                              "longest_edge": settings.max_pixels}
         model.eval()
         for name, param in model.named_parameters():
-            frozen = settings.freeze_vision and ".visual." in f".{name}"
+            frozen = settings.freeze_vision and is_vision_parameter(model, name)
             param.requires_grad_(trainable and not frozen)
         if trainable and settings.activation_checkpointing:  # recomputed in backward, per block
             model.activation_checkpointing_enable({"use_reentrant": False})

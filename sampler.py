@@ -4,7 +4,8 @@ Written here rather than calling `model.generate`, because GRPO samples G comple
 prompt, and the prompt (image included) is the expensive part:
 
 1. `collate`: prompts left-padded into one batch (every prompt ends at the same column), with
-   Qwen's multimodal rope positions; completions, when given, after them.
+   the family's positions (`families.py`: Qwen's multimodal rope, or 1-D); completions, when
+   given, after them.
 2. `next_token`: one token per row: temperature, top-k, top-p; vision placeholder tokens banned.
 3. `sample`: prefill each prompt ONCE (vision tower + prompt), copy its KV cache to its G rows, and
    decode all rows together; a row that ends leaves the batch.
@@ -24,15 +25,20 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from vlm import VISION_TOKENS
+from families import family_of
+from prompt_cache import concat_rows, repeat_rows, select_rows
 
 
 @dataclass
 class Prompt:
     """One prompt (its image or images and text) encoded for the model."""
     input_ids: torch.Tensor       # [P] chat-formatted prompt, image placeholders already expanded
-    pixel_values: torch.Tensor    # [patches, channels * temporal_patch * patch * patch]
-    image_grid_thw: torch.Tensor  # [images, 3] patch grid (t, h, w) of each image, in prompt order
+    pixel_values: torch.Tensor    # Qwen: [patches, channels * temporal_patch * patch * patch];
+                                  # InternVL: [tiles, 3, 448, 448]; Gemma 3: [images, 3, 896, 896];
+                                  # Gemma 4: [images, patches, 3 * patch * patch]
+    image_grid_thw: torch.Tensor | None = None  # Qwen: [images, 3] patch grid (t, h, w) of each
+                                                # image, in prompt order
+    image_position_ids: torch.Tensor | None = None  # Gemma 4: [images, patches, 2] patch (x, y)
 
 
 @dataclass
@@ -71,13 +77,16 @@ class Sampling:
 
 
 def special_tokens(processor, model):
-    """The `Tokens` of a processor/model pair."""
+    """The `Tokens` of a processor/model pair: the family's EOS and banned tokens (those the
+    tokenizer has; looked up in its vocabulary, since a tokenizer with an unknown token maps any
+    missing name to that token's id)."""
     tokenizer = processor.tokenizer
-    ids = tokenizer.convert_tokens_to_ids
-    eos = [i for i in (ids("<|im_end|>"), ids("<|endoftext|>"), tokenizer.eos_token_id)
-           if i is not None]
+    family = family_of(model)
+    vocabulary = tokenizer.get_vocab()
+    eos = [vocabulary[t] for t in family.eos_tokens if t in vocabulary]
+    eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = model.config.text_config.vocab_size
-    banned = sorted({ids(t) for t in VISION_TOKENS if ids(t) is not None}
+    banned = sorted({vocabulary[t] for t in family.banned_tokens if t in vocabulary}
                     | set(range(len(tokenizer), vocab)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return Tokens(pad_id=pad, eos_ids=sorted(set(eos)), banned_ids=banned,
@@ -95,9 +104,13 @@ def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None
     `width`: pad the prompts to at least this many columns (one prefill chunk of a wider batch).
 
     Returns model inputs: input_ids / attention_mask [n, P + T], position_ids [3, n, P + T] (Qwen's
-    multimodal rope: image tokens get (t, h, w) positions, text continues after the largest),
-    pixel_values [sum of patches, D], image_grid_thw [total images, 3].
+    multimodal rope: image tokens get (t, h, w) positions, text continues after the largest) or
+    [n, P + T] (1-D: 0 at each row's first token), pixel_values (every prompt's, concatenated),
+    and the family's image inputs (Qwen: image_grid_thw [total images, 3]; Gemma 4:
+    image_position_ids; Gemma: token_type_ids or mm_token_type_ids [n, P + T], 1 on image tokens,
+    which may attend to their whole image).
     """
+    family = family_of(model)
     device = _device(model)
     width = max([len(p.input_ids) for p in prompts] + [width or 0])
     input_ids = torch.full((len(prompts), width), tokens.pad_id, dtype=torch.long)
@@ -109,13 +122,18 @@ def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None
         input_ids = torch.cat([input_ids, completion_ids.cpu()], dim=1)
         attention_mask = torch.cat([attention_mask, completion_mask.cpu().long()], dim=1)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    image_grid_thw = torch.cat([p.image_grid_thw for p in prompts]).to(device)
-    position_ids, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids=(input_ids == tokens.image_token_id).int(),
-        image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    images = {name: torch.cat([getattr(p, name) for p in prompts]).to(device)
+              for name in family.image_inputs}
+    if family.rope == "mrope":
+        position_ids, _ = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=(input_ids == tokens.image_token_id).int(),
+            attention_mask=attention_mask, **images)
+    else:  # as `generate` numbers them: padding gets 1 (it is masked out anyway)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    if family.image_mask is not None:
+        images[family.image_mask] = (input_ids == tokens.image_token_id).long()
     return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                pixel_values=torch.cat([p.pixel_values for p in prompts]).to(device),
-                image_grid_thw=image_grid_thw)
+                pixel_values=torch.cat([p.pixel_values for p in prompts]).to(device), **images)
 
 
 def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
@@ -125,15 +143,17 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     group (G completions of one prompt). Each group becomes one sequence: its prompt, then its
     completions one after another in slots of T columns, left-padded to the longest sequence. A
     completion attends to the prompt and causally to itself only, and its rope positions continue
-    the prompt's (Qwen's multimodal positions), exactly as if it were alone after its prompt; so
+    the prompt's (the family's positions), exactly as if it were alone after its prompt; so
     every completion token sees what it sees in `collate`'s one-row-per-completion batch, but the
     prompt (image included) is computed once, and its gradient gathers all G completions'.
 
     Returns (inputs, gather): inputs as `collate`'s, with a boolean attention mask [B, 1, L, L]
-    (True: may attend); gather [n, T] the flat index (into B x L) of the hidden state that
+    (True: may attend), or for a family with sliding-window layers one mask per attention type
+    (`_masks_per_layer_type`); gather [n, T] the flat index (into B x L) of the hidden state that
     predicts each completion token.
     """
     device = _device(model)
+    family = family_of(model)
     groups = []  # (prompt, [rows])
     for row, prompt in enumerate(prompts):
         if groups and groups[-1][0] is prompt:
@@ -148,7 +168,10 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     input_ids = torch.full((n_groups, length), tokens.pad_id, dtype=torch.long, device=device)
     valid = torch.zeros((n_groups, length), dtype=torch.bool, device=device)
     segment = torch.full((n_groups, length), -1, dtype=torch.long, device=device)  # 0: prompt
-    position_ids = torch.ones((3, n_groups, length), dtype=torch.long, device=device)
+    # [3, B, P] multimodal rope or [1, B, P] 1-D positions
+    base_positions = base["position_ids"].view(-1, *base["input_ids"].shape)
+    position_ids = torch.ones((len(base_positions), n_groups, length), dtype=torch.long,
+                              device=device)
     gather = torch.zeros(completion_ids.shape, dtype=torch.long, device=device)
     steps = torch.arange(width, device=device)
     completion_ids = completion_ids.to(device)
@@ -159,8 +182,8 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
         input_ids[g, start:prompt_end] = base["input_ids"][g]
         valid[g, start:prompt_end] = base["attention_mask"][g].bool()
         segment[g, start:prompt_end] = 0
-        position_ids[:, g, start:prompt_end] = base["position_ids"][:, g]
-        next_position = base["position_ids"][:, g].max() + 1
+        position_ids[:, g, start:prompt_end] = base_positions[:, g]
+        next_position = base_positions[:, g].max() + 1
         for slot, row in enumerate(rows):
             first = prompt_end + slot * width
             input_ids[g, first:first + width] = completion_ids[row]
@@ -174,10 +197,34 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
     mask = causal & valid.unsqueeze(1) & ((key == 0) | (key == query))
     mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding attends to itself
-    inputs = dict(input_ids=input_ids, attention_mask=mask.unsqueeze(1),
-                  position_ids=position_ids, pixel_values=base["pixel_values"],
-                  image_grid_thw=base["image_grid_thw"])
+    mask = mask.unsqueeze(1)
+    if family.rope != "mrope":
+        position_ids = position_ids[0]
+    if family.shared_prefix == "mask per layer type":
+        mask = _masks_per_layer_type(model, mask, input_ids, position_ids, tokens, family)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                  pixel_values=base["pixel_values"],
+                  **{name: base[name] for name in family.image_inputs})
     return inputs, gather
+
+
+def _masks_per_layer_type(model, mask, input_ids, position_ids, tokens, family):
+    """Gemma's masks for a packed batch, as its model builds them for one row per completion: full
+    attention layers see `mask`, plus (bidirectional image attention) every token of their own
+    image for an image token; sliding layers see the same within the window, measured on
+    positions (a completion slot does not sit next to its prompt in the packed row, its
+    positions do).
+    A single 4D mask would reach every layer unchanged: no window, no image blocks."""
+    text = model.config.get_text_config()
+    if family.image_attention == "bidirectional" or (
+            family.image_attention == "config" and text.use_bidirectional_attention == "vision"):
+        is_image = input_ids == tokens.image_token_id
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        block = torch.where(is_image, starts.long().cumsum(-1), 0)  # 0: not an image token
+        mask = mask | ((block.unsqueeze(2) == block.unsqueeze(1)) & is_image.unsqueeze(2))[:, None]
+    window = text.sliding_window
+    near = position_ids.unsqueeze(1) > position_ids.unsqueeze(2) - window  # [B, query, key]
+    return {"full_attention": mask, "sliding_attention": mask & near[:, None]}
 
 
 TOP_P_CANDIDATES = 256  # top-p looks for its nucleus among this many most probable tokens first
@@ -278,12 +325,8 @@ def _prefill(model, prompts, tokens, prefill_tokens):
         logits.append(out.logits[:, -1])
         masks.append(batch["attention_mask"])
         positions.append(batch["position_ids"])
-    cache = caches[0]
-    if len(caches) > 1:  # one cache for the whole batch: every layer's rows, chunk after chunk
-        for index, layer in enumerate(cache.layers):
-            layer.keys = torch.cat([c.layers[index].keys for c in caches])
-            layer.values = torch.cat([c.layers[index].values for c in caches])
-    return cache, torch.cat(logits), torch.cat(masks), torch.cat(positions, dim=1)
+    cache = concat_rows(caches)  # one cache for the whole batch, chunk after chunk
+    return cache, torch.cat(logits), torch.cat(masks), torch.cat(positions, dim=-2)
 
 
 class _InPlaceLayer(DynamicLayer):
@@ -342,10 +385,13 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
     """
     device = _device(model)
     cache, logits, attention_mask, position_ids = _prefill(model, prompts, tokens, prefill_tokens)
-    cache.batch_repeat_interleave(group_size)
+    repeat_rows(cache, group_size)
     logits = logits.repeat_interleave(group_size, dim=0)
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
-    # First generated position of each row: one past the largest rope position of its prompt.
+    # First generated position of each row: one past the largest rope position of its prompt
+    # ([3, n, P] multimodal or [n, P] 1-D positions).
+    rope_rows = 3 if position_ids.dim() == 3 else 1
+    position_ids = position_ids.view(rope_rows, -1, position_ids.shape[-1])
     next_position = position_ids.amax(dim=(0, 2)).repeat_interleave(group_size) + 1
 
     n_rows = len(prompts) * group_size
@@ -382,10 +428,12 @@ def sample(model, prompts, *, group_size, sampling, tokens, generator=None, pref
                 break
             if still <= len(rows) // 2:  # drop the finished rows, all at once
                 keep = running.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
+                select_rows(cache, keep)
                 rows, running, step_input = rows[keep], running[keep], step_input[keep]
                 attention_mask = attention_mask[keep]
-        position = (next_position[rows] + step).view(1, -1, 1).expand(3, -1, 1)
+        position = (next_position[rows] + step).view(1, -1, 1).expand(rope_rows, -1, 1)
+        if rope_rows == 1:
+            position = position[0]
         out = model(input_ids=step_input[:, None],
                     attention_mask=attention_mask[:, :prompt_width + step + 1],
                     position_ids=position, past_key_values=cache, use_cache=True)

@@ -1,9 +1,11 @@
 """The vision-language model on disk: load, save, and build a tiny one offline.
 
-VisPlay trains Qwen2.5-VL / Qwen2-VL style models. Everything here works from local folders in
-`save_pretrained` format; nothing is downloaded.
+VisPlay trains the model families of `families.py` (Qwen2.5-VL / Qwen2-VL, Qwen3-VL, Qwen3.5,
+InternVL, Gemma 3, Gemma 4). Everything here works from local folders in `save_pretrained`
+format; nothing is downloaded.
 
-- `load_vlm(path)`: model + processor from a folder (a real checkpoint or one this project wrote).
+- `load_vlm(path)`: model + processor from a folder (a real checkpoint or one this project wrote),
+  with the classes of its family.
 - `save_vlm(model, processor, path)`: `save_pretrained` of both, atomically (`data.atomic_path`),
   so a folder that exists is always complete: the run loop resumes on that fact.
 - `build_tiny_vlm(path, corpus)`: a few-million-parameter Qwen2.5-VL with its own byte-level BPE
@@ -13,7 +15,7 @@ VisPlay trains Qwen2.5-VL / Qwen2-VL style models. Everything here works from lo
 Why a processor subclass: `Qwen2_5_VLProcessor` also wants a video processor, which needs
 torchvision (not a dependency here). `ImageProcessor` is the same processor without the video
 part. `AutoProcessor` cannot find this class, so load it with `load_vlm` (or
-`ImageProcessor.from_pretrained`).
+`ImageProcessor.from_pretrained`); `families.py` has the other families' image-only processors.
 """
 
 import os
@@ -25,7 +27,6 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
-    Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -73,18 +74,21 @@ def check_model_dir(path):
 
 
 def load_vlm(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
-    """Load a Qwen2.5-VL or Qwen2-VL model and its processor from a local folder.
+    """Load a model of a supported family (`families.FAMILIES`) and its processor from a local
+    folder.
 
     device="meta": the model's structure only, no weights read (`distributed.load_into_shards`
     fills a sharded one from rank 0's copy).
     """
+    from families import family_of  # families.py builds on this module's Qwen pieces
+
     check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
-    model_class = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-                   "qwen2_vl": Qwen2VLForConditionalGeneration}.get(config.model_type)
-    if model_class is None:
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; use a "
-                         "Qwen2.5-VL (qwen2_5_vl) or Qwen2-VL (qwen2_vl) checkpoint")
+    try:
+        family = family_of(config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    model_class = family.model_class
     if str(device) == "meta":
         with torch.device("meta"):
             model = model_class._from_config(config, dtype=dtype,
@@ -92,9 +96,13 @@ def load_vlm(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"
     else:
         model = model_class.from_pretrained(path, dtype=dtype,
                                             attn_implementation=attn_implementation).to(device)
-    processor = ImageProcessor.from_pretrained(path)
-    if processor.chat_template is None:
-        processor.chat_template = processor.tokenizer.chat_template or CHAT_TEMPLATE
+    processor = family.processor_class.from_pretrained(path)
+    template = processor.chat_template or processor.tokenizer.chat_template
+    if template is None or processor.image_token not in template:
+        # none, or one that writes another image placeholder than the one the processor expands
+        # (InternVL's hub templates write <image>; its processor expands <IMG_CONTEXT>)
+        template = family.chat_template
+    processor.chat_template = template
     return model, processor
 
 
