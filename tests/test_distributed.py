@@ -84,10 +84,10 @@ def _config(shared_prefix=True):
                           loss_agg="token-mean", logprob_chunk=3, shared_prefix=shared_prefix)
 
 
-def _update(model_dir, prompts, sampled, rewards, sharded, shared_prefix=True):
-    """One train_step (2 optimizer updates) with SGD(lr=1): the parameter change is the gradient
-    itself (Adam would turn rounding noise in a ~1e-9 gradient into a full lr-sized step, so equal
-    Adam steps would not show equal gradients)."""
+def _update(model_dir, prompts, sampled, rewards, sharded, shared_prefix=True, cfg=None):
+    """One train_step (2 optimizer updates, or as `cfg` says) with SGD(lr=1): the parameter change
+    is the gradient itself (Adam would turn rounding noise in a ~1e-9 gradient into a full
+    lr-sized step, so equal Adam steps would not show equal gradients)."""
     model, processor = load_vlm(model_dir)
     reference = copy.deepcopy(model)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
@@ -99,7 +99,7 @@ def _update(model_dir, prompts, sampled, rewards, sharded, shared_prefix=True):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     metrics = train_step(model, reference, optimizer, prompts=prompts, sampled=sampled,
                          rewards=rewards, tokens=special_tokens(processor, model),
-                         cfg=_config(shared_prefix))
+                         cfg=cfg or _config(shared_prefix))
     return model, metrics
 
 

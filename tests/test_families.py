@@ -4,7 +4,6 @@ forward and `model.generate`, the shared-prefix forward against one row per comp
 step under 2-process FSDP2 against one process, and export. Tiny random models, fp32, CPU.
 """
 
-import copy
 import json
 import math
 import os
@@ -17,12 +16,11 @@ import distributed
 import grpo
 import tiny_families
 from config import ReasonerConfig
-from distributed import shard_model
 from families import FAMILIES, family_of
-from grpo import FORWARD_METHODS, train_step
 from roles import encode_prompt
 from sampler import Rollout, Sampling, Tokens, collate, sample, special_tokens
 from test_distributed import _full_state, spawn_two
+from test_distributed import _update as distributed_update
 from test_distributed import _prompts as fsdp_prompts
 from vlm import load_vlm, save_vlm
 
@@ -197,23 +195,11 @@ def test_shared_prefix_forward_equals_one_row_per_completion(tiny):
 
 
 def _update(model_dir, prompts, sampled, rewards, sharded):
-    """`test_distributed._update` with one optimizer update of micro-batches of 4 (one per rank):
-    a GRPO step with SGD(lr=1), so the parameter change is the gradient itself."""
-    model, processor = load_vlm(model_dir)
-    reference = copy.deepcopy(model)
-    with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
-        for p in reference.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    if sharded:
-        shard_model(model, mixed_precision=False, forward_methods=FORWARD_METHODS)
-        shard_model(reference, mixed_precision=False, forward_methods=FORWARD_METHODS)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    """`test_distributed._update` with one optimizer update of micro-batches of 4 (one per rank)."""
     cfg = ReasonerConfig(prompts_per_step=4, group_size=2, updates_per_step=1, micro_batch_size=4,
                          lr=1.0, grad_clip=0.05, kl_coef=0.05, temperature=1.0,
                          loss_agg="token-mean", logprob_chunk=3, shared_prefix=sharded)
-    metrics = train_step(model, reference, optimizer, prompts=prompts, sampled=sampled,
-                         rewards=rewards, tokens=special_tokens(processor, model), cfg=cfg)
-    return model, metrics
+    return distributed_update(model_dir, prompts, sampled, rewards, sharded, cfg=cfg)
 
 
 def _update_workers(jobs):
