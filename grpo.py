@@ -72,13 +72,13 @@ def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_
     width = targets.shape[1]
     if "prompt" in batch:  # the prompts' cache shared by their completions (Qwen3.5)
         hidden = prompt_cache_hidden(model, batch)
-    elif gather is not None:
-        hidden = model.model(**batch, use_cache=False).last_hidden_state
-        hidden = hidden.flatten(0, 1)[gather]  # [n, T, H]: the state before each token
     else:
         hidden = model.model(**batch, use_cache=False).last_hidden_state
-        start = hidden.shape[1] - width
-        hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion token
+        if gather is not None:
+            hidden = hidden.flatten(0, 1)[gather]  # [n, T, H]: the state before each token
+        else:
+            start = hidden.shape[1] - width
+            hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion
     weight = model.lm_head.weight
     logprobs, entropies = [], []
     options = dict(temperature=temperature, banned_ids=banned_ids, with_entropy=with_entropy)

@@ -72,22 +72,18 @@ class _OutOfPlaceLinearLayer(LinearAttentionLayer):
 
 def collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask):
     """Model inputs for `prompt_cache_hidden`: each group's prompt once, then one row per
-    completion (consecutive rows with the same Prompt object form a group, as in
-    `sampler.collate_groups`).
+    completion (groups as `sampler.group_rows` forms them).
 
     Returns dict(prompt=`sampler.collate`'s inputs for the groups' prompts (left-padded),
     rows [n] = the group of each completion row, input_ids [n, T] = the completions,
     attention_mask [n, P + T] = the prompt's padding then the completion mask, position_ids
     continuing each prompt's largest position).
     """
-    from sampler import collate
+    from sampler import collate, group_rows
 
-    groups, rows = [], []
-    for prompt in prompts:
-        if not groups or groups[-1] is not prompt:
-            groups.append(prompt)
-        rows.append(len(groups) - 1)
-    base = collate(model, groups, tokens)
+    groups = group_rows(prompts)
+    rows = [g for g, (_, members) in enumerate(groups) for _ in members]
+    base = collate(model, [prompt for prompt, _ in groups], tokens)
     device = base["input_ids"].device
     rows = torch.tensor(rows, device=device)
     positions = base["position_ids"].view(-1, *base["input_ids"].shape)  # [3 or 1, B, P]

@@ -136,6 +136,18 @@ def collate(model, prompts, tokens, *, completion_ids=None, completion_mask=None
                 pixel_values=torch.cat([p.pixel_values for p in prompts]).to(device), **images)
 
 
+def group_rows(prompts):
+    """[(prompt, [rows])]: consecutive rows with the same Prompt object form one group (the G
+    completions of one prompt)."""
+    groups = []
+    for row, prompt in enumerate(prompts):
+        if groups and groups[-1][0] is prompt:
+            groups[-1][1].append(row)
+        else:
+            groups.append((prompt, [row]))
+    return groups
+
+
 def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     """Model inputs that encode each prompt ONCE for all its completions (shared-prefix training).
 
@@ -154,12 +166,7 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     """
     device = _device(model)
     family = family_of(model)
-    groups = []  # (prompt, [rows])
-    for row, prompt in enumerate(prompts):
-        if groups and groups[-1][0] is prompt:
-            groups[-1][1].append(row)
-        else:
-            groups.append((prompt, [row]))
+    groups = group_rows(prompts)
     base = collate(model, [prompt for prompt, _ in groups], tokens)  # prompts left-padded
     width = completion_ids.shape[1]
     prompt_width = base["input_ids"].shape[1]
