@@ -103,6 +103,9 @@ def warmup_example(rng, processor, world, base, *, players, rounds, difference):
 
 SHIPPED_GAME_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "embedded_game_base")
+# The shipped game base was warmed up from seed 0's toy base of an earlier recipe (base domain
+# P(n things) ~ 0.5^n, no lazy lists); its warm-up data and `--rebuild` keep that world.
+GAME_WORLD = {"pretrain_decay": 0.5}
 
 
 def warmup_settings(cfg):
@@ -129,7 +132,7 @@ def build_game_base(source, dest, settings):
     base = toybase.BaseConfig(steps=settings["steps"], lr=1e-3, batch_size=32, lazy_share=0.0)
     example = partial(warmup_example, players=settings["players"], rounds=settings["rounds"],
                       difference=settings["difference"])
-    toybase.pretrain(model, processor, world=toyworld.WorldConfig(), base=base,
+    toybase.pretrain(model, processor, world=toyworld.WorldConfig(**GAME_WORLD), base=base,
                      seed=seed_for(settings["seed"], "warm-up-data"), example=example)
     with atomic_path(dest) as tmp:
         save_vlm(model, processor, tmp)
@@ -446,12 +449,13 @@ def run_game(cfg):
 def main(argv=None):
     """`python vision_zero.py --rebuild`: build seed 0's game base again into embedded_game_base/
     with its checksums, from configs/vision-zero.yaml's game and the toy base it was warmed up
-    from: seed 0's base of the earlier recipe without lazy lists (`toybase.BaseConfig` with
-    lazy_share 0; the shipped embedded_base/ has them), rebuilt first (about 14 minutes)."""
+    from: seed 0's base of the earlier recipe (`GAME_WORLD`, `toybase.BaseConfig` with
+    lazy_share 0; the shipped embedded_base/ differs), rebuilt first (about 14 minutes)."""
     import argparse
     import shutil
 
     import toybase
+    import toyworld
     from config import load_config
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -464,7 +468,8 @@ def main(argv=None):
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
     source = args.out.rstrip("/") + ".toy_base"
-    toybase.build_base(source, toybase.SHIPPED_SEED, base=toybase.BaseConfig(lazy_share=0.0))
+    toybase.build_base(source, toybase.SHIPPED_SEED, world=toyworld.WorldConfig(**GAME_WORLD),
+                       base=toybase.BaseConfig(lazy_share=0.0))
     build_game_base(source, args.out, warmup_settings(cfg))
     shutil.rmtree(source)
     toybase.write_checksums(args.out)

@@ -81,7 +81,7 @@ def format_model_dir(tmp_path_factory, tiny_model_dir):
     from vlm import load_vlm, save_vlm
 
     model, processor = load_vlm(tiny_model_dir)
-    pretrain(model, processor, world=WorldConfig(),
+    pretrain(model, processor, world=WorldConfig(pretrain_decay=0.5),
              base=BaseConfig(steps=150, batch_size=8, lr=5e-3, freeze_vision=True,
                              questioner_share=0.5, lazy_share=0.0), seed=0)
     path = str(tmp_path_factory.mktemp("format") / "model")
