@@ -5,7 +5,7 @@ its own run directory; a finished one is reused) and prints one markdown table.
 
     python benchmarks/vision_zero_claim.py --seeds 0 1 2 --out runs/vision-zero-claim
 
-Seeds other than 0 build their own toy base first (about 14 minutes each on 2 cores).
+Seeds other than 0 build their own toy base first (about 18 minutes each on 2 cores).
 """
 
 import argparse
