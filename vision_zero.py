@@ -103,21 +103,23 @@ def warmup_example(rng, processor, world, base, *, players, rounds, difference):
 
 SHIPPED_GAME_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "embedded_game_base")
-# The shipped game base was warmed up from seed 0's toy base of an earlier recipe (base domain
-# P(n things) ~ 0.5^n, no lazy lists); its warm-up data and `--rebuild` keep that world.
-GAME_WORLD = {"pretrain_decay": 0.5}
 
 
-def warmup_settings(cfg):
-    """What a game base depends on besides its source base: the seed and the game's shape."""
+def warmup_settings(cfg, source):
+    """What a game base depends on: the seed, the game's shape and the toy base it starts from
+    (the SHA-256 of `source`'s weights, so a game base is never reused for another toy base)."""
+    import toybase
+
     spy_cfg = cfg.spy
     return {"seed": cfg.seed, "steps": spy_cfg.warmup_steps, "players": spy_cfg.civilians + 1,
-            "rounds": spy_cfg.rounds, "difference": spy_cfg.difference}
+            "rounds": spy_cfg.rounds, "difference": spy_cfg.difference,
+            "source_weights": toybase.sha256(os.path.join(source, "model.safetensors"))}
 
 
 def build_game_base(source, dest, settings):
     """`source` (the toy base) after settings["steps"] supervised steps of `warmup_example`,
     saved atomically to `dest` with warmup.json (the settings)."""
+    from dataclasses import replace
     from functools import partial
 
     import toybase
@@ -127,12 +129,12 @@ def build_game_base(source, dest, settings):
     started = time.perf_counter()
     model, processor = load_vlm(source)
     torch.manual_seed(seed_for(settings["seed"], "warm-up"))
-    # the replayed pretraining examples keep their full lists (lazy_share 0): lazy lists are
-    # VisPlay's premise, not the game's, and the shipped game base was warmed up this way
-    base = toybase.BaseConfig(steps=settings["steps"], lr=1e-3, batch_size=32, lazy_share=0.0)
+    # the replayed pretraining examples follow the toy base's own recipe (its lazy lists
+    # included): the warm-up teaches the game and leaves the base's other habits as they were
+    base = replace(toybase.BaseConfig(), steps=settings["steps"], lr=1e-3, batch_size=32)
     example = partial(warmup_example, players=settings["players"], rounds=settings["rounds"],
                       difference=settings["difference"])
-    toybase.pretrain(model, processor, world=toyworld.WorldConfig(**GAME_WORLD), base=base,
+    toybase.pretrain(model, processor, world=toyworld.WorldConfig(), base=base,
                      seed=seed_for(settings["seed"], "warm-up-data"), example=example)
     with atomic_path(dest) as tmp:
         save_vlm(model, processor, tmp)
@@ -153,12 +155,12 @@ def warm_up(run, source, dest):
         same = False
         if os.path.isfile(shipped):
             with open(shipped) as f:
-                same = json.load(f) == warmup_settings(run.cfg)
+                same = json.load(f) == warmup_settings(run.cfg, source)
         if same:
             toybase.copy_verified(SHIPPED_GAME_BASE, dest)
             log.info("game base: the shipped %s (checksums verified)", SHIPPED_GAME_BASE)
         else:
-            build_game_base(source, dest, warmup_settings(run.cfg))
+            build_game_base(source, dest, warmup_settings(run.cfg, source))
     distributed.barrier()
     return dest
 
@@ -448,14 +450,12 @@ def run_game(cfg):
 
 def main(argv=None):
     """`python vision_zero.py --rebuild`: build seed 0's game base again into embedded_game_base/
-    with its checksums, from configs/vision-zero.yaml's game and the toy base it was warmed up
-    from: seed 0's base of the earlier recipe (`GAME_WORLD`, `toybase.BaseConfig` with
-    lazy_share 0; the shipped embedded_base/ differs), rebuilt first (about 14 minutes)."""
+    with its checksums: the shipped toy base (embedded_base/, checksums verified) warmed up for
+    configs/vision-zero.yaml's game, with one thread, as the shipped game base was."""
     import argparse
     import shutil
 
     import toybase
-    import toyworld
     from config import load_config
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -467,10 +467,10 @@ def main(argv=None):
                                    "vision-zero.yaml"), [f"seed={toybase.SHIPPED_SEED}"])
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
+    torch.set_num_threads(1)  # sums in the shipped game base's order
     source = args.out.rstrip("/") + ".toy_base"
-    toybase.build_base(source, toybase.SHIPPED_SEED, world=toyworld.WorldConfig(**GAME_WORLD),
-                       base=toybase.BaseConfig(lazy_share=0.0))
-    build_game_base(source, args.out, warmup_settings(cfg))
+    toybase.copy_verified(toybase.SHIPPED_BASE, source)
+    build_game_base(source, args.out, warmup_settings(cfg, source))
     shutil.rmtree(source)
     toybase.write_checksums(args.out)
 

@@ -106,10 +106,11 @@ def table(title, scores):
     return "\n".join(lines)
 
 
-def gates(base, out, seed, *, perception_items=400, samples=16):
-    """Both gates of one base; returns {"perception": scores, "premise": scores, ...}."""
+def gates(base, out, seed, *, perception_items=400, samples=16, overrides=()):
+    """Both gates of one base; returns {"perception": scores, "premise": scores, ...}.
+    `overrides`: config.yaml overrides ("labeling.temperature=1.2") for the sampling."""
     world = toyworld.WorldConfig()
-    cfg = load_config(os.path.join(ROOT, "config.yaml"))
+    cfg = load_config(os.path.join(ROOT, "config.yaml"), list(overrides))
     labeling = cfg.labeling
     model, processor = load_vlm(base)
     model.eval()
@@ -146,12 +147,15 @@ def main():
                         "like a run does, in OUT/embedded")
     parser.add_argument("--out", help="default: runs/gates/seed<SEED>")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config.yaml override, e.g. labeling.temperature=1.2 (repeatable)")
     args = parser.parse_args()
     out = args.out or os.path.join(ROOT, "runs", "gates", f"seed{args.seed}")
     base = args.base or toybase.build_embedded(os.path.join(out, "embedded"), args.seed)["base"]
     if not os.path.isdir(base):
         sys.exit(f"error: base model folder {base!r} does not exist")
-    result = gates(base, out, args.seed, samples=args.samples)
+    result = gates(base, out, args.seed, samples=args.samples, overrides=args.set)
+    result["overrides"] = args.set
     print(table(f"Perception: greedy accuracy on base-domain scenes (seed {args.seed})",
                 result["perception"]))
     print()

@@ -227,13 +227,22 @@ def test_bad_pairs_are_refused_before_any_work(tiny_model_dir, benchmark_file, t
 
 
 def test_the_shipped_game_base_is_the_default_games_and_verifies(tmp_path):
-    """configs/vision-zero.yaml's game (seed 0) is the one embedded_game_base/ was warmed up for,
-    so the embedded run copies it (checksums verified) instead of a 23-minute warm-up."""
+    """configs/vision-zero.yaml's game (seed 0) on the shipped toy base is the one
+    embedded_game_base/ was warmed up for, so the embedded run copies it (checksums verified)
+    instead of a 23-minute warm-up; another toy base's weights would not match."""
     import toybase
 
     cfg = load_config(os.path.join(ROOT, "configs", "vision-zero.yaml"))
     with open(os.path.join(vision_zero.SHIPPED_GAME_BASE, "warmup.json")) as f:
-        assert json.load(f) == vision_zero.warmup_settings(cfg)
+        recorded = json.load(f)
+    assert recorded == vision_zero.warmup_settings(cfg, toybase.SHIPPED_BASE)
+    with open(os.path.join(toybase.SHIPPED_BASE, toybase.CHECKSUMS)) as f:
+        listed = dict(reversed(line.split()) for line in f if line.strip())
+    assert recorded["source_weights"] == listed["model.safetensors"]
+    other = tmp_path / "other_base"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"other weights")
+    assert vision_zero.warmup_settings(cfg, str(other)) != recorded
     toybase.copy_verified(vision_zero.SHIPPED_GAME_BASE, str(tmp_path / "copy"))
     assert os.path.isfile(tmp_path / "copy" / "model.safetensors")
 
