@@ -96,6 +96,7 @@ class LabelingConfig:
     batch_size: int = 64              # questions per sampling batch
     p_low: float = 0.3                # informative filter: keep p_low <= p <= p_high
     p_high: float = 0.8
+    p_low_yes_no: float | None = None  # p_low for yes/no silver answers; None: p_low (the paper)
 
 
 @dataclass
@@ -315,6 +316,8 @@ def _check(cfg):
     need(0 <= labeling.p_high <= 1, "labeling.p_high", "must be in [0, 1]")
     need(labeling.p_low <= labeling.p_high, "labeling.p_low",
          f"must be <= labeling.p_high ({labeling.p_high})")
+    need(labeling.p_low_yes_no is None or 0 <= labeling.p_low_yes_no <= 1,
+         "labeling.p_low_yes_no", "must be in [0, 1] or null")
     evaluation = cfg.eval
     need(evaluation.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(evaluation.batch_size >= 1, "eval.batch_size", "must be >= 1")

@@ -338,12 +338,17 @@ def generate_questions(run, iteration, *, questioner_path, out_path):
     run.done_parts(out_path)
 
 
-def keep_informative(labeled, p_low, p_high):
+def keep_informative(labeled, p_low, p_high, p_low_yes_no=None):
     """The informative filter: the labeled questions with a silver answer whose confidence p lies
     in [p_low, p_high]. Too-confident questions teach nothing; too-scattered ones carry noisy
-    labels."""
+    labels. A yes/no silver answer needs p >= p_low_yes_no instead (when given): a wrong yes/no
+    label has no lucky hits, its reward is exactly as good as the label."""
+    def low(row):
+        yes_no = str(row["silver_answer"]).strip().lower() in ("yes", "no")
+        return p_low_yes_no if yes_no and p_low_yes_no is not None else p_low
+
     return [row for row in labeled
-            if row["silver_answer"] is not None and p_low <= row["confidence"] <= p_high]
+            if row["silver_answer"] is not None and low(row) <= row["confidence"] <= p_high]
 
 
 def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_path, kept_path):
@@ -374,11 +379,13 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
     with gathered(model):
         labeled = run.in_parts(labeled_path, -(-len(rows) // settings.batch_size), work)
     if distributed.is_main():
-        kept = keep_informative(labeled, settings.p_low, settings.p_high)
+        kept = keep_informative(labeled, settings.p_low, settings.p_high, settings.p_low_yes_no)
         write_jsonl(labeled_path, labeled)
         write_jsonl(kept_path, kept)  # last: its existence marks the stage done
-        log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f])", iteration,
-                 len(labeled), len(kept), settings.p_low, settings.p_high)
+        log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f]%s)", iteration,
+                 len(labeled), len(kept), settings.p_low, settings.p_high,
+                 "" if settings.p_low_yes_no is None
+                 else f"; yes/no p >= {settings.p_low_yes_no:.2f}")
     run.done_parts(labeled_path)
 
 

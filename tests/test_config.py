@@ -160,6 +160,7 @@ def test_wrong_type(tmp_path, text, key):
 @pytest.mark.parametrize("text, key", [
     ("labeling:\n  p_low: 0.9\n", "labeling.p_low"),           # p_high stays 0.8
     ("labeling:\n  p_high: 1.5\n", "labeling.p_high"),
+    ("labeling:\n  p_low_yes_no: -0.1\n", "labeling.p_low_yes_no"),
     ("questioner:\n  group_size: 1\n", "questioner.group_size"),
     ("reasoner:\n  group_size: 0\n", "reasoner.group_size"),
     ("reasoner:\n  loss_agg: foo\n", "reasoner.loss_agg"),

@@ -282,3 +282,18 @@ def test_each_stage_frees_its_models(tmp_path, monkeypatch, format_model_dir, im
     # eval_v0, then questioner (policy, reference, frozen reasoner), generation, labeling,
     # reasoner (policy, reference), eval_v1
     assert frees == [1, 4, 5, 6, 8, 9]
+
+
+def test_informative_filter_band_and_the_yes_no_floor():
+    """keep_informative keeps p_low <= p <= p_high (ends included) among rows with a silver
+    answer; with p_low_yes_no a yes/no answer (any case, surrounding space) needs that floor
+    instead, while other answers keep p_low. Expected ids worked out by hand."""
+    rows = [{"id": i, "silver_answer": a, "confidence": p} for i, (a, p) in enumerate([
+        ("4", 0.3), ("4", 0.25), ("4", 0.8), ("4", 0.875),     # 0, 2 in the band
+        ("yes", 0.5), ("No ", 0.75), ("no", 0.875),            # 4, 5 in the band
+        (None, 0.5), ("B", 0.5)])]                             # no answer; an option letter
+    ids = lambda kept: [r["id"] for r in kept]  # noqa: E731
+    assert ids(visplay.keep_informative(rows, 0.3, 0.8)) == [0, 2, 4, 5, 8]
+    assert ids(visplay.keep_informative(rows, 0.3, 0.8, p_low_yes_no=0.75)) == [0, 2, 5, 8]
+    assert ids(visplay.keep_informative(rows, 0.3, 0.8, p_low_yes_no=0.85)) == [0, 2, 8]
+    assert ids(visplay.keep_informative(rows, 0.3, 1.0, p_low_yes_no=0.85)) == [0, 2, 3, 6, 8]
