@@ -156,14 +156,19 @@ def write_checksums(folder):
         f.writelines(f"{sha256(os.path.join(folder, n))}  {n}\n" for n in names)
 
 
+def read_checksums(folder):
+    """{file name: sha256} from folder/SHA256SUMS (as `write_checksums` writes it)."""
+    with open(os.path.join(folder, CHECKSUMS)) as f:
+        return dict(reversed(line.split()) for line in f if line.strip())
+
+
 def copy_verified(source, dest):
     """Copy the model folder `source` to `dest` (atomically), checking every file against
     source/SHA256SUMS first. Raises ValueError naming the first file missing or changed."""
     listed = os.path.join(source, CHECKSUMS)
     if not os.path.isfile(listed):
         raise ValueError(f"{listed} is missing: cannot verify the shipped base")
-    with open(listed) as f:
-        expected = dict(reversed(line.split()) for line in f if line.strip())
+    expected = read_checksums(source)
     for name, digest in sorted(expected.items()):
         path = os.path.join(source, name)
         if not os.path.isfile(path):

@@ -152,15 +152,15 @@ def warm_up(run, source, dest):
 
     if distributed.is_main() and not os.path.isdir(dest):
         shipped = os.path.join(SHIPPED_GAME_BASE, "warmup.json")
-        same = False
+        settings, same = warmup_settings(run.cfg, source), False
         if os.path.isfile(shipped):
             with open(shipped) as f:
-                same = json.load(f) == warmup_settings(run.cfg, source)
+                same = json.load(f) == settings
         if same:
             toybase.copy_verified(SHIPPED_GAME_BASE, dest)
             log.info("game base: the shipped %s (checksums verified)", SHIPPED_GAME_BASE)
         else:
-            build_game_base(source, dest, warmup_settings(run.cfg, source))
+            build_game_base(source, dest, settings)
     distributed.barrier()
     return dest
 

@@ -52,7 +52,7 @@ import torch
 
 import checkpoint
 import distributed
-from answers import extract_boxed, majority_vote
+from answers import extract_boxed, infer_answer_type, majority_vote
 from config import ConfigError, load_config
 from data import atomic_path, load_image, read_jsonl, write_json, write_jsonl
 from distributed import gathered, my_part
@@ -344,7 +344,7 @@ def keep_informative(labeled, p_low, p_high, p_low_yes_no=None):
     labels. A yes/no silver answer needs p >= p_low_yes_no instead (when given): a wrong yes/no
     label has no lucky hits, its reward is exactly as good as the label."""
     def low(row):
-        yes_no = str(row["silver_answer"]).strip().lower() in ("yes", "no")
+        yes_no = infer_answer_type(str(row["silver_answer"])) == "yes_no"
         return p_low_yes_no if yes_no and p_low_yes_no is not None else p_low
 
     return [row for row in labeled

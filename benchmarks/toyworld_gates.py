@@ -114,7 +114,7 @@ def gates(base, out, seed, *, perception_items=400, samples=16, overrides=()):
     labeling = cfg.labeling
     model, processor = load_vlm(base)
     model.eval()
-    result = {"base": base, "seed": seed}
+    result = {"base": base, "seed": seed, "overrides": list(overrides)}
     started = time.perf_counter()
     lazy_after = toybase.BaseConfig().lazy_after
     for name, questions, k in (("perception", base_domain_questions(world, seed, perception_items),
@@ -155,7 +155,6 @@ def main():
     if not os.path.isdir(base):
         sys.exit(f"error: base model folder {base!r} does not exist")
     result = gates(base, out, args.seed, samples=args.samples, overrides=args.set)
-    result["overrides"] = args.set
     print(table(f"Perception: greedy accuracy on base-domain scenes (seed {args.seed})",
                 result["perception"]))
     print()

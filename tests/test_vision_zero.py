@@ -236,8 +236,7 @@ def test_the_shipped_game_base_is_the_default_games_and_verifies(tmp_path):
     with open(os.path.join(vision_zero.SHIPPED_GAME_BASE, "warmup.json")) as f:
         recorded = json.load(f)
     assert recorded == vision_zero.warmup_settings(cfg, toybase.SHIPPED_BASE)
-    with open(os.path.join(toybase.SHIPPED_BASE, toybase.CHECKSUMS)) as f:
-        listed = dict(reversed(line.split()) for line in f if line.strip())
+    listed = toybase.read_checksums(toybase.SHIPPED_BASE)
     assert recorded["source_weights"] == listed["model.safetensors"]
     other = tmp_path / "other_base"
     other.mkdir()
