@@ -9,10 +9,10 @@ Settings (each on the same seeds, so on the same base, pool and benchmark per se
     full           config.yaml as it is
     no_questioner  the questioner is never trained (questioner.steps=0): the base writes them all
     no_diversity   no BLEU-cluster penalty (questioner.diversity_weight=0)
-    no_filter      every voted question is kept (labeling.p_low=0, labeling.p_high=1)
-    paper_band     the paper's informative band (labeling.p_low=0.3, labeling.p_high=0.8)
-    no_yes_no      no yes/no label below agreement 0.85 (labeling.p_low_yes_no=0.85, above
-                   p_high: no yes/no question is trained on)
+    no_filter      every voted question is kept (labeling.p_low=0, labeling.p_high=1,
+                   labeling.p_low_yes_no=null)
+    paper_filter   the paper's filter: the band [0.3, 0.8] for every answer, yes/no ones included
+                   (labeling.p_low=0.3, labeling.p_high=0.8, labeling.p_low_yes_no=null)
     oracle         the reasoner stage on the pool's questions with their TRUE answers (the ceiling)
 A seed's base is built once (by its first setting) and shared by the others through a symlink.
 Prints a markdown table per setting (greedy accuracy per iteration, gain over the base per seed,
@@ -39,10 +39,8 @@ SETTINGS = {
     "full": [],
     "no_questioner": ["questioner.steps=0"],
     "no_diversity": ["questioner.diversity_weight=0"],
-    "no_filter": ["labeling.p_low=0", "labeling.p_high=1"],
-    "paper_band": ["labeling.p_low=0.3", "labeling.p_high=0.8"],
-    # yes/no labels kept only at agreement >= 0.85: above p_high 0.8, so none is trained on
-    "no_yes_no": ["labeling.p_low_yes_no=0.85"],
+    "no_filter": ["labeling.p_low=0", "labeling.p_high=1", "labeling.p_low_yes_no=null"],
+    "paper_filter": ["labeling.p_low=0.3", "labeling.p_high=0.8", "labeling.p_low_yes_no=null"],
     "oracle": [],  # benchmarks/toyworld_oracle.py: the reasoner stage on TRUE pool labels
 }
 
