@@ -343,9 +343,10 @@ def keep_informative(labeled, p_low, p_high, p_low_yes_no=None):
     in [p_low, p_high]. Too-confident questions teach nothing; too-scattered ones carry noisy
     labels. A yes/no silver answer needs p >= p_low_yes_no instead (when given): a wrong yes/no
     label has no lucky hits, its reward is exactly as good as the label."""
-    def low(row):
-        yes_no = infer_answer_type(str(row["silver_answer"])) == "yes_no"
-        return p_low_yes_no if yes_no and p_low_yes_no is not None else p_low
+    def low(row):  # the answer type is read only when a floor is set
+        if p_low_yes_no is not None and infer_answer_type(str(row["silver_answer"])) == "yes_no":
+            return p_low_yes_no
+        return p_low
 
     return [row for row in labeled
             if row["silver_answer"] is not None and low(row) <= row["confidence"] <= p_high]
@@ -382,10 +383,9 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
         kept = keep_informative(labeled, settings.p_low, settings.p_high, settings.p_low_yes_no)
         write_jsonl(labeled_path, labeled)
         write_jsonl(kept_path, kept)  # last: its existence marks the stage done
+        note = "" if settings.p_low_yes_no is None else f"; yes/no p >= {settings.p_low_yes_no:.2f}"
         log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f]%s)", iteration,
-                 len(labeled), len(kept), settings.p_low, settings.p_high,
-                 "" if settings.p_low_yes_no is None
-                 else f"; yes/no p >= {settings.p_low_yes_no:.2f}")
+                 len(labeled), len(kept), settings.p_low, settings.p_high, note)
     run.done_parts(labeled_path)
 
 
