@@ -8,6 +8,7 @@ Pure functions of strings, shared by training and evaluation, so a rule added he
   majority_vote        the silver answer (largest cluster of equivalent answers) and its share
   extract_answer       benchmark grading: also accepts an unboxed answer ("The answer is B.")
   answer_correct       benchmark grading: the rules of each answer type (ANSWER_TYPES)
+  parse_choices        the option texts a question lists ("A. x B. y"), for questions and benchmarks
 """
 
 import itertools
@@ -17,6 +18,31 @@ from typing import NamedTuple
 
 # Option letters, A first: benchmark options, the toy world's A-D questions.
 OPTION_LETTERS = "ABCDEFGH"
+
+# ----------------------------------------------------------------------------
+# Options listed in a question
+
+_OPTION_MARK = re.compile(r"(?:^|(?<=\s))\(?([A-H])[.):]\s+")
+
+
+def parse_choices(question):
+    """Option texts of a question that lists options as 'A. x B. y', '(A) x (B) y' or 'A) x B) y'.
+
+    Returns the texts in letter order (A, B, ...) when A and B at least are present, else None.
+    """
+    marks = list(_OPTION_MARK.finditer(question))
+    run = []  # positions in `marks` of A, B, C, ... in order, starting at the first A
+    for position, mark in enumerate(marks):
+        if mark.group(1) == chr(ord("A") + len(run)):
+            run.append(position)
+        elif run:
+            break
+    if len(run) < 2:
+        return None
+    # An option's text runs to the next mark of any letter (or the end of the question).
+    ends = [marks[p + 1].start() if p + 1 < len(marks) else len(question) for p in run]
+    return [question[marks[p].end():end].strip().rstrip(",;").strip() for p, end in zip(run, ends)]
+
 
 # ----------------------------------------------------------------------------
 # Answer extraction and equivalence

@@ -2,18 +2,18 @@
 
 The container is chosen by extension: `.json` (a list of row objects, or an object whose values are
 row objects, keyed by id; JSON lines also work), `.tsv` (VLMEvalKit: a header row, base64 images),
-anything else JSONL (one object per line); parquet must be converted (README). The project's own
-row schema:
+anything else JSONL (one object per line); parquet must be converted (docs/evaluation.md). The
+project's own row schema:
 
     {"id": "...", "image": "rel/path.png" | ["a.png", "b.png"] | "<base64>", "question": "...",
      "answer": "...", "choices": ["option A text", ...], "category": "...", "answer_type": "..."}
 
 `choices`, `category` and `answer_type` (one of answers.ANSWER_TYPES) are optional. Common
-alternative keys of the public benchmarks are read too (the *_KEYS tuples below; the README maps
-each benchmark). Layout "yesno" (HallusionBench) reads the answers "1" / "0" as yes / no. Rows that
-cannot be evaluated (missing or unreadable image, empty question, no answer, an answer that is no
-option) are counted by reason, logged with their file and line, and skipped; a file with no usable
-row is an error.
+alternative keys of the public benchmarks are read too (the *_KEYS tuples below;
+docs/evaluation.md maps each benchmark). Layout "yesno" (HallusionBench) reads the answers "1" /
+"0" as yes / no. Rows that cannot be evaluated (missing or unreadable image, empty question, no
+answer, an answer that is no option) are counted by reason, logged with their file and line, and
+skipped; a file with no usable row is an error.
 """
 
 import ast
@@ -31,9 +31,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from answers import ANSWER_TYPES, OPTION_LETTERS, infer_answer_type, normalize_answer
+from answers import ANSWER_TYPES, OPTION_LETTERS, infer_answer_type, normalize_answer, parse_choices
 from data import iter_jsonl
-from roles import parse_choices
 
 log = logging.getLogger("visplay")
 
@@ -71,7 +70,7 @@ def read_rows(path):
     """(location, row) of every row of a benchmark file; the container is chosen by extension."""
     if path.endswith(".parquet"):
         raise ValueError(f"{path}: parquet is not read here (it would need pyarrow); convert it "
-                         "to JSONL first, as the README section 'Benchmark files' shows")
+                         "to JSONL first, as docs/evaluation.md, 'Benchmark files', shows")
     if path.endswith(".json"):
         with open(path) as f:
             try:
@@ -172,7 +171,8 @@ def _check_image(source):
 
 
 def item_from_row(row, base, number, yes_no=False):
-    """Map one row of any supported layout onto an `Item` (rules: module docstring and README).
+    """Map one row of any supported layout onto an `Item` (rules: module docstring and
+    docs/evaluation.md).
 
     number: the row's position, its id when it has none. yes_no: answers "1"/"0" mean yes/no.
     Raises BadRow with the reason when the row cannot be evaluated.

@@ -112,7 +112,7 @@ class EvalConfig:
 
 @dataclass
 class SpyConfig(StageConfig):
-    """Vision-Zero's game (method: vision-zero; README "Vision-Zero"): the paper's settings.
+    """Vision-Zero's game (method: vision-zero; docs/vision_zero.md): the paper's settings.
     prompts_per_step: games per step; group_size: sampled votes per civilian; max_new_tokens:
     a clue's budget."""
     steps: int = 100                  # updates (the paper's iterations)
@@ -141,7 +141,7 @@ class SpyConfig(StageConfig):
     k_min: int = 5                    # updates at least in a stage before it may switch
     patience: int = 20                # a stage ends after this many updates; 0: never forced
     warmup_steps: int = 3000          # embedded default only: the toy base learns the game's
-                                      # format first (README); 0: none
+                                      # format first (docs/vision_zero.md); 0: none
 
 
 @dataclass

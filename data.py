@@ -17,7 +17,6 @@ import shutil
 from contextlib import contextmanager
 
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 log = logging.getLogger("visplay")
 
@@ -56,6 +55,9 @@ def list_images(source):
 
 def fit_pixels(image, min_pixels, max_pixels):
     """RGB copy of `image` resized (aspect kept) to sides multiple of 28 and area in [min, max]."""
+    # Qwen's own rounding rule; imported here, so that reading files never loads transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
     image = image.convert("RGB")
     height, width = smart_resize(image.height, image.width, PATCH_FACTOR, min_pixels, max_pixels)
     while height * width > max_pixels and max(height, width) > PATCH_FACTOR:
@@ -117,6 +119,25 @@ class ImagePool:
             else:
                 raise RuntimeError(f"no readable image in the pool ({len(self.bad)} unreadable)")
         return images
+
+
+def read_pairs(manifest):
+    """(original, edited) absolute paths from a JSONL manifest, one {"original": path, "edited":
+    path} per line, paths relative to the manifest. A malformed line stops with its number."""
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"pairs manifest {manifest!r} does not exist: give a .jsonl file "
+                                "with one {\"original\": path, \"edited\": path} per line")
+    base = os.path.dirname(os.path.abspath(manifest))
+    pairs = []
+    for number, row in iter_jsonl(manifest):
+        if not (isinstance(row, dict) and isinstance(row.get("original"), str)
+                and isinstance(row.get("edited"), str)):
+            raise ValueError(f"{manifest}:{number}: expected string fields \"original\" and "
+                             f"\"edited\" (paths), got {json.dumps(row)[:120]}")
+        pairs.append((os.path.join(base, row["original"]), os.path.join(base, row["edited"])))
+    if not pairs:
+        raise ValueError(f"pairs manifest {manifest!r} lists no pairs")
+    return pairs
 
 
 # ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from families import vision_blocks
+from models.families import vision_blocks
 
 
 def init(device_type, timeout_minutes=60):
@@ -134,9 +134,10 @@ def shard_model(model, *, mixed_precision, cpu_offload=False, forward_methods=No
     cpu_offload: sharded parameters, gradients and optimizer state live in CPU memory (they move
         to the GPU unit by unit): trades speed for GPU memory on big models.
     forward_methods: {name: function(model, ...)} methods other than `forward` that compute with
-        the model's weights (`grpo.FORWARD_METHODS`, the chunked log-prob forward, which calls the
-        inner model and lm_head directly). They are bound to the model and registered as forwards
-        of the root, so the root's weights are gathered while they run and its gradients reduced.
+        the model's weights (`logprobs.FORWARD_METHODS`, the chunked log-prob forward, which calls
+        the inner model and lm_head directly). They are bound to the model and registered as
+        forwards of the root, so the root's weights are gathered while they run and its gradients
+        reduced.
 
     Gradients are summed over ranks, not averaged (divide factor 1): `grpo.grpo_update` normalises
     the loss by totals already summed over ranks. A frozen model (no parameter requires grad)

@@ -8,7 +8,8 @@ prints one markdown table (rows: each benchmark and benchmark/category; columns:
 accuracy in %, then each later checkpoint's difference to the first in points) and, with --out,
 writes OUT/<checkpoint>/<benchmark>.jsonl (one graded row per item) and OUT/summary.json.
 Benchmark files are read by `benchmark_files.load_benchmark` (the layouts are listed there and in
-the README). The run loop evaluates with `evaluate` after every iteration (README, step 5).
+docs/evaluation.md). The run loop evaluates every checkpoint with `evaluate_reasoner` (README,
+step 5), which runs `evaluate` on each of the run's benchmarks.
 
 Greedy decoding goes through the project's sampler (`sampler.rollout`), one prompt batch at a time;
 the prompt is the reasoner's training prompt (`roles.reasoner_prompt`), options listed "A. text"
@@ -25,21 +26,40 @@ import re
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 from tqdm import tqdm
 
-from answers import OPTION_LETTERS, answer_correct, extract_answer, majority_vote
+import distributed
+from answers import OPTION_LETTERS, answer_correct, extract_answer, majority_vote, parse_choices
 from benchmark_files import LAYOUTS, load_benchmark
 from data import load_image, write_json, write_jsonl
-from roles import parse_choices, reasoner_prompt
-from sampler import Limits, Sampling, decode, rollout, special_tokens
+from models.inputs import special_tokens
+from models.load import check_model_dir, load_vlm
+from roles import reasoner_prompt
+from run import seed_for
+from sampler import Limits, Sampling, decode, rollout
 
 log = logging.getLogger("visplay")
 
 # ----------------------------------------------------------------------------
 # Answering and grading
+
+
+@dataclass
+class EvalSetting:
+    """How `evaluate` answers a benchmark."""
+    min_pixels: int               # images resized into [min_pixels, max_pixels] (`data.fit_pixels`)
+    max_pixels: int
+    max_new_tokens: int = 1024
+    batch_size: int = 32          # items whose prompts are built and answered together
+    samples: int = 0              # k > 0: also k sampled answers per item at temperature 1
+                                  # (pass@1, majority@k, pass@k)
+    seed: int = 0                 # the sampled answers' generator
+    limits: Limits = field(default_factory=Limits)  # the sampler's memory bounds (its
+                                                    # max_prompts is each batch's size)
 
 
 def format_question(item):
@@ -83,32 +103,32 @@ def grade_item(item, text, sampled_texts=None, judge=None):
 
 
 @torch.no_grad()
-def evaluate(model, processor, items, *, min_pixels, max_pixels, max_new_tokens=1024,
-             batch_size=32, samples=0, seed=0, judge=None, report=None, progress=True,
-             kv_cache_gib=None, prefill_tokens=None, check_every=1):
-    """Greedy answer per item (and, with samples=k > 0, k sampled answers at temperature 1), graded.
+def evaluate(model, processor, items, setting, *, judge=None, report=None, progress=True):
+    """Greedy answer per item (and, with setting.samples = k > 0, k sampled answers at temperature
+    1), graded. setting: an `EvalSetting`.
 
-    Returns one `grade_item` row per item. Prompts are built and answered `batch_size` at a time,
-    so only one batch of images is in memory. An item whose image fails to load is logged, skipped
-    and counted in `report` (a Counter, optional) under "unreadable image". judge: see
+    Returns one `grade_item` row per item. Prompts are built and answered setting.batch_size at a
+    time, so only one batch of images is in memory. An item whose image fails to load is logged,
+    skipped and counted in `report` (a Counter, optional) under "unreadable image". judge: see
     `grade_item`. progress: a tqdm bar over the items (drawn only on a terminal).
-    kv_cache_gib, prefill_tokens, check_every: the sampler's `Limits`.
     """
     model.eval()
     tokens = special_tokens(processor, model)
-    greedy = Sampling(0.0, 1.0, 0, max_new_tokens)
-    at_temperature_one = Sampling(1.0, 1.0, 0, max_new_tokens)
+    batch_size, samples = setting.batch_size, setting.samples
+    greedy = Sampling(0.0, 1.0, 0, setting.max_new_tokens)
+    at_temperature_one = Sampling(1.0, 1.0, 0, setting.max_new_tokens)
     generator = None
     if samples:
-        generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+        generator = torch.Generator(next(model.parameters()).device).manual_seed(setting.seed)
     results = []
     bar = tqdm(total=len(items), desc="eval", unit="item", disable=None if progress else True)
     for start in range(0, len(items), batch_size):
         kept, prompts = [], []
         for item in items[start:start + batch_size]:
             try:
-                images = [load_image(io.BytesIO(s) if isinstance(s, bytes) else s, min_pixels,
-                                     max_pixels) for s in item.images]
+                images = [load_image(io.BytesIO(s) if isinstance(s, bytes) else s,
+                                     setting.min_pixels, setting.max_pixels)
+                          for s in item.images]
             except ValueError as error:
                 log.warning("benchmark item %s skipped: %s", item.id, error)
                 if report is not None:
@@ -117,7 +137,7 @@ def evaluate(model, processor, items, *, min_pixels, max_pixels, max_new_tokens=
             prompts.append(reasoner_prompt(processor, images, format_question(item)))
             kept.append(item)
         if prompts:
-            limits = Limits(len(prompts), kv_cache_gib, prefill_tokens, check_every)
+            limits = replace(setting.limits, max_prompts=len(prompts))
             texts = generate(model, processor, prompts, group_size=1, sampling=greedy,
                              tokens=tokens, limits=limits)
             votes = None
@@ -226,6 +246,44 @@ def format_table(summaries, skipped=None):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------
+# The loop's evaluation step
+
+
+def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
+    """Step 5: greedy accuracy (and sampled pass@1 / majority@k) of a reasoner on every
+    benchmark -> eval_v{i}.json, and one graded row per item -> eval_v{i}_items.jsonl.
+
+    run: the `run.Run` (its config's eval and model settings, its benchmarks). Each rank answers
+    its share of every benchmark; rank 0 writes the graded rows of all.
+    """
+    settings, model_settings = run.cfg.eval, run.cfg.model
+    model, processor = run.load_model(reasoner_path, trainable=False)
+    setting = EvalSetting(model_settings.min_pixels, model_settings.max_pixels,
+                          settings.max_new_tokens, settings.batch_size, settings.samples,
+                          seed=seed_for(run.cfg.seed, "eval", distributed.rank()),
+                          limits=run.limits(settings.batch_size))
+    summaries, items_rows = {}, []
+    for name, items in run.benchmarks.items():
+        items = items[:settings.max_items] if settings.max_items else items
+        with distributed.gathered(model):
+            mine = evaluate(model, processor, distributed.my_part(items), setting,
+                            progress=distributed.is_main())
+        results = distributed.all_gather_list(mine)
+        summaries[name] = summarize(results)
+        items_rows += [{"benchmark": name, **r} for r in results]
+        log.info("[iter %d eval] %s: accuracy %.1f%% (%d items)", iteration, name,
+                 100 * summaries[name]["accuracy"], len(results))
+    if distributed.is_main():
+        write_jsonl(out_path.replace(".json", "_items.jsonl"), items_rows)
+        write_json(out_path, summaries)
+    distributed.barrier()
+
+
+# ----------------------------------------------------------------------------
+# The command line
+
+
 def checkpoint_names(paths):
     """Short unique names of checkpoint folders: the folder name, or parent_folder when names
     repeat."""
@@ -247,8 +305,6 @@ def _pairs(specs, flag):
 
 def main(argv=None):
     """Command line: evaluate each --model on each --bench, print the table, write --out."""
-    from vlm import check_model_dir, load_vlm
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True,
@@ -293,6 +349,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    setting = EvalSetting(args.min_pixels, args.max_pixels, args.max_new_tokens, args.batch_size)
     summaries = {}
     skipped = {name: sum(report["bad"].values()) for name, report in reports.items()}
     for name, path in zip(checkpoint_names(args.model), args.model):
@@ -300,9 +357,7 @@ def main(argv=None):
         summaries[name] = {}
         for bench, items in benches.items():
             unreadable = Counter()
-            results = evaluate(model, processor, items, min_pixels=args.min_pixels,
-                               max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, judge=judge, report=unreadable)
+            results = evaluate(model, processor, items, setting, judge=judge, report=unreadable)
             summaries[name][bench] = summarize(results)
             reports[bench]["unreadable at evaluation"] = unreadable["unreadable image"]
             skipped[bench] = sum(reports[bench]["bad"].values()) + unreadable["unreadable image"]

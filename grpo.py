@@ -3,136 +3,36 @@
 Given a sampled rollout batch (`sampler.rollout`) and one reward per completion:
 1. `group_advantages`: (r - mean) / (std + 1e-6) within each group of G, on every token of a sample.
 2. `score_rollout`: per-token log-probs of the sampled tokens under the policy right after the
-   rollout (the "old" policy) and under the frozen reference (`completion_logprobs`, which
-   projects hidden states to the vocabulary a chunk of positions at a time). The first
-   mini-batch is trained on by the very policy that sampled it: its old log-probs are the
-   training forward's own, detached, and it gets no separate forward.
+   rollout (the "old" policy) and under the frozen reference (`completion_logprobs`, the
+   training forward of `models/logprobs.py`, which projects hidden states to the vocabulary a
+   chunk of positions at a time). The first mini-batch is trained on by the very policy that
+   sampled it: its old log-probs are the training forward's own, detached, and it gets no
+   separate forward.
 3. `policy_loss` + `kl_k3` + `aggregate`: clipped ratio loss with eps_low / eps_high and dual clip,
    k3 KL to the frozen reference, token-mean or seq-mean-token-mean.
 4. `grpo_update`: the batch is split into `updates_per_step` mini-batches, each one AdamW step after
    gradient accumulation over micro-batches, grad-norm clipping, and a skipped step when the norm
    is not finite.
-`train_step` runs 1-4 for one rollout batch and returns the step's metrics.
+`train_step` runs 1-4 for one rollout batch (`RolloutBatch`) with a stage's models and optimizer
+(`Learner`) and returns the step's metrics.
 
 Conventions: N sequences = prompts x G; T = completion length; tensors are [N, T] unless noted.
 """
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 import distributed
-from families import family_of
-from prompt_cache import collate_prompt_cache, prompt_cache_hidden
-from sampler import Rollout, collate, collate_groups
-
-# ----------------------------------------------------------------------------
-# Log-probs of completions under a model
-
-
-def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids, with_entropy,
-                    softcap=None):
-    """Project hidden [n, t, H] to the vocabulary; log-probs of targets [n, t] (+ entropy).
-    softcap: logits become softcap * tanh(logits / softcap), as the model's forward makes them."""
-    logits = F.linear(hidden, lm_head_weight).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits[..., banned_ids] = -math.inf
-    if temperature > 0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    if not with_entropy:
-        return logprobs, None
-    probs = torch.softmax(logits, dim=-1)
-    entropy = log_norm - (probs * logits.masked_fill(probs == 0, 0)).sum(-1)
-    return logprobs, entropy.detach()
-
-
-def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_size,
-                       with_entropy, gather=None):
-    """Hidden states of the whole batch, then the vocabulary projection of the completion
-    positions only, `chunk_size` positions at a time (recomputed in backward under autograd).
-
-    batch: `sampler.collate`'s model inputs for n rows of P + T positions; targets [n, T], the
-    completion tokens. Or, with `gather`, `sampler.collate_groups`'s (one sequence per group) and
-    the flat index of the state that predicts each completion token. Or
-    `prompt_cache.collate_prompt_cache`'s (the prompts, then the completions from their cache).
-    Returns (logprobs [n, T], entropy [n, T] or None).
-    Under FSDP2 this runs as a registered forward method of the root module
-    (`distributed.shard_model`), so the root's own weights (embeddings, lm_head) are gathered.
-    """
-    width = targets.shape[1]
-    if "prompt" in batch:  # the prompts' cache shared by their completions (Qwen3.5)
-        hidden = prompt_cache_hidden(model, batch)
-    else:
-        hidden = model.model(**batch, use_cache=False).last_hidden_state
-        if gather is not None:
-            hidden = hidden.flatten(0, 1)[gather]  # [n, T, H]: the state before each token
-        else:
-            start = hidden.shape[1] - width
-            hidden = hidden[:, start - 1:start - 1 + width]  # the state before each completion
-    weight = model.lm_head.weight
-    logprobs, entropies = [], []
-    options = dict(temperature=temperature, banned_ids=banned_ids, with_entropy=with_entropy)
-    if family_of(model).softcap:  # (Gemma 4)
-        options["softcap"] = model.config.get_text_config().final_logit_softcapping
-    for s in range(0, width, chunk_size):
-        args = (hidden[:, s:s + chunk_size], weight, targets[:, s:s + chunk_size])
-        if torch.is_grad_enabled():
-            chunk_logprobs, chunk_entropy = checkpoint(_token_logprobs, *args, use_reentrant=False,
-                                                       **options)
-        else:
-            chunk_logprobs, chunk_entropy = _token_logprobs(*args, **options)
-        logprobs.append(chunk_logprobs)
-        entropies.append(chunk_entropy)
-    entropy = torch.cat(entropies, dim=1) if with_entropy else None
-    return torch.cat(logprobs, dim=1), entropy
-
-
-# The methods FSDP2 must run as forwards of the root (`distributed.shard_model`).
-FORWARD_METHODS = {"completion_forward": completion_forward}
-
-
-def completion_logprobs(model, prompts, completion_ids, completion_mask, *, tokens,
-                        temperature=1.0, chunk_size=256, with_entropy=False, shared_prefix=False):
-    """Per-token log-probs of completions under `model`, as in training (one forward).
-
-    prompts: n `Prompt`s (one per row); completion_ids, completion_mask: [n, T].
-    Returns (logprobs [n, T], entropy [n, T] or None). Only the T completion positions are
-    projected to the vocabulary, `chunk_size` positions at a time, and under autograd each chunk is
-    recomputed in backward, so [n, P + T, vocab] (or even [n, T, vocab]) logits never exist at once.
-    shared_prefix: consecutive rows of one Prompt share one encoding of it (`collate_groups`): a
-    group of G costs P + G x T positions instead of G x (P + T), vision tower included. (Qwen3.5:
-    through the prompts' cache, `prompt_cache.py`; one row per completion when its layers are
-    checkpointed in training.)
-    """
-    gather = None
-    through_cache = shared_prefix and family_of(model).shared_prefix == "prompt cache"
-    if through_cache and model.training and any(getattr(layer, "gradient_checkpointing", False)
-                                                for layer in model.model.language_model.layers):
-        # a checkpointed layer drops the cache (its recomputation would append to it twice), so
-        # with activation checkpointing Qwen3.5 trains one row per completion
-        shared_prefix = through_cache = False
-    if through_cache:
-        batch = collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask)
-    elif shared_prefix:
-        batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask)
-    else:
-        batch = collate(model, prompts, tokens, completion_ids=completion_ids,
-                        completion_mask=completion_mask)
-    targets = completion_ids.to(batch["input_ids"].device)
-    forward = getattr(model, "completion_forward", None) or partial(completion_forward, model)
-    return forward(batch, targets, temperature=temperature, banned_ids=tokens.banned_ids,
-                   chunk_size=chunk_size, with_entropy=with_entropy, gather=gather)
-
+from models.inputs import Tokens
+from models.logprobs import completion_logprobs
+from sampler import Rollout
 
 # ----------------------------------------------------------------------------
 # The GRPO math
@@ -210,6 +110,32 @@ def _trimmed(ids, mask):
 
 
 @dataclass
+class Learner:
+    """What a GRPO stage trains and scores with (`run.Run.open_stage` loads it)."""
+    policy: torch.nn.Module              # the trained model (fp32 master weights)
+    optimizer: torch.optim.Optimizer | None  # AdamW over its trainable parameters (None: scoring
+                                             # only); `make_optimizer`
+    reference: torch.nn.Module | None    # the stage's starting weights, frozen: the KL anchor
+                                         # (None when kl_coef == 0)
+    tokens: Tokens                       # pad, EOS and never-sampled ids
+    autocast: Callable = nullcontext     # opened around each forward, never around an optimizer
+                                         # step (`Run.autocast`: bf16 compute of fp32 weights)
+    on_device: Callable = nullcontext    # on_device(reference): the context the reference scores
+                                         # in (`Run.on_device`: a parked reference visits the GPU)
+
+
+@dataclass
+class RolloutBatch:
+    """One GRPO step's sampled and rewarded data on this rank."""
+    prompts: list                 # the `Prompt` of each prompt index of `sampled`
+    sampled: Rollout              # G completions per prompt, grouped
+    rewards: torch.Tensor         # [N] one per completion, in the order of `sampled`
+    advantages: torch.Tensor | None = None  # [N] used instead of normalising `rewards` within
+                                            # groups of G (the spy game's clues: reward - baseline)
+    metrics: dict = field(default_factory=dict)  # the role's own metrics (seconds sampling, ...)
+
+
+@dataclass
 class Experience:
     """A scored rollout batch, ready for the update."""
     prompts: list                 # `Prompt` per prompt index of `sampled`
@@ -223,29 +149,30 @@ class Experience:
 
 
 @torch.no_grad()
-def score_rollout(policy, reference, *, prompts, sampled, advantages, tokens, cfg,
-                  autocast=nullcontext, on_device=nullcontext, fresh_rows=0):
-    """Old-policy log-probs and entropy of rows [fresh_rows, N) and reference log-probs of every
-    row (no grad), micro-batch by micro-batch; returns an `Experience`.
+def score_rollout(learner, prompts, sampled, advantages, cfg, fresh_rows=0):
+    """Old-policy log-probs and entropy of rows [fresh_rows, N) of the rollout `sampled` and
+    reference log-probs of every row (no grad), micro-batch by micro-batch; returns an
+    `Experience`.
 
-    fresh_rows: the first mini-batch's rows, which the first update trains on with the policy
-    that sampled them; `grpo_update` fills their old log-probs from its own forward, detached (the
-    same numbers a separate forward would give, so the ratio there is 1 either way).
-    on_device(reference): the context the reference scores in (`Run.on_device`).
+    prompts: the `Prompt` of each prompt index of `sampled`; advantages: [N], one per completion.
+    fresh_rows: the first mini-batch's rows, which the first update trains on with the policy that
+    sampled them; `grpo_update` fills their old log-probs from its own forward, detached (the same
+    numbers a separate forward would give, so the ratio there is 1 either way).
     """
+    policy, reference, tokens = learner.policy, learner.reference, learner.tokens
     old, ref, entropy = [], [], []
     rows, width = sampled.completion_ids.shape
 
     def padded(x):  # back to the batch's width, for [N, T] tensors
         return F.pad(x, (0, width - x.shape[1]))
 
-    with on_device(reference) if reference is not None else nullcontext():
+    with learner.on_device(reference) if reference is not None else nullcontext():
         for start in range(0, rows, cfg.micro_batch_size):
             rows_here = slice(start, start + cfg.micro_batch_size)
             micro_prompts = [prompts[i] for i in sampled.prompt_index[rows_here].tolist()]
             ids, mask = _trimmed(sampled.completion_ids[rows_here],
                                  sampled.completion_mask[rows_here])
-            with autocast():
+            with learner.autocast():
                 if start + cfg.micro_batch_size > fresh_rows:  # not all fresh: score them
                     logprobs, token_entropy = completion_logprobs(
                         policy, micro_prompts, ids, mask, tokens=tokens,
@@ -310,8 +237,9 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
-def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcontext):
-    """`cfg.updates_per_step` optimizer updates over one scored rollout batch (one pass, in order).
+def grpo_update(learner, experience, cfg):
+    """`cfg.updates_per_step` optimizer updates of the learner's policy over one scored rollout
+    batch (one pass, in order).
 
     Per mini-batch: zero grads; for each micro-batch, loss = aggregate(policy_loss + kl_coef * k3)
     normalised by the mini-batch totals, backward; clip the grad norm to cfg.grad_clip; step only
@@ -320,6 +248,7 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcont
     are summed over ranks and FSDP sums the gradients (`distributed.shard_model`), so the update is
     exactly that of the whole mini-batch on one process.
     """
+    policy, optimizer = learner.policy, learner.optimizer
     # The optimizer's parameters: under FSDP `policy.parameters()` may yield the root's gathered
     # copies (the root stays unsharded after a forward), which never receive the sharded gradients.
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -342,9 +271,10 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcont
                                  sampled.completion_mask[rows_here])
             width = ids.shape[1]
             fresh = update == 0 and start < experience.fresh_rows  # the sampling policy's rows
-            with autocast():  # the forward only: backward and the step run outside it
+            with learner.autocast():  # the forward only: backward and the step outside it
                 logprobs, entropy = completion_logprobs(
-                    policy, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
+                    policy, micro_prompts, ids, mask, tokens=learner.tokens,
+                    temperature=cfg.temperature,
                     chunk_size=cfg.logprob_chunk, with_entropy=fresh,
                     shared_prefix=cfg.shared_prefix)
             if fresh:  # its old log-probs are this forward's own (ratio exactly 1)
@@ -388,29 +318,23 @@ def grpo_update(policy, optimizer, experience, *, tokens, cfg, autocast=nullcont
             "skipped_updates": skipped}
 
 
-def train_step(policy, reference, optimizer, *, prompts, sampled, rewards, tokens, cfg,
-               autocast=nullcontext, on_device=nullcontext, advantages=None):
+def train_step(learner, batch, cfg):
     """One GRPO step after the rollout: advantages, old/reference log-probs, the updates.
 
-    prompts: the `Prompt` of each prompt index of `sampled`; rewards [N], grouped as `sampled` is.
-    advantages: [N] given instead of normalising rewards within groups of cfg.group_size (the spy
-    game's clues: reward minus a role's baseline).
-    autocast: a context factory opened around each forward (`Run.autocast`: bf16 compute of fp32
-    weights in one process), never around an optimizer step. on_device(reference): the context
-    the reference scores in (`Run.on_device`: a parked reference visits the GPU for scoring only).
-    Returns metrics (reward, advantage, length, timing, loss, KL, clip fractions, grad norm).
+    batch: a `RolloutBatch` (rewards [N] grouped as its rollout is; advantages, when given, are
+    used as they are). cfg: the stage's settings (`config.StageConfig`). Returns metrics (reward,
+    advantage, length, timing, loss, KL, clip fractions, grad norm).
     """
     started = time.perf_counter()
+    rewards, advantages = batch.rewards, batch.advantages
     if advantages is None:
         advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
     advantages = advantages.float()
-    experience = score_rollout(policy, reference, prompts=prompts, sampled=sampled,
-                               advantages=advantages, tokens=tokens, cfg=cfg, autocast=autocast,
-                               on_device=on_device,
+    experience = score_rollout(learner, batch.prompts, batch.sampled, advantages, cfg,
                                fresh_rows=len(advantages) // cfg.updates_per_step)
-    metrics = grpo_update(policy, optimizer, experience, tokens=tokens, cfg=cfg,
-                          autocast=autocast)
+    metrics = grpo_update(learner, experience, cfg)
     metrics.update(scoring_stats(experience))
+    sampled = batch.sampled
     rows = zip(rewards.float().tolist(), advantages.tolist(),
                sampled.completion_mask.sum(-1).float().tolist())
     reward, advantage, length = torch.tensor(distributed.all_gather_list(rows)).T  # every rank's

@@ -10,8 +10,8 @@ and for reward-time and labeling-time answers.)
 import re
 from dataclasses import dataclass
 
-from answers import answer_number
-from sampler import Prompt
+from answers import answer_number, parse_choices
+from models.inputs import encode_prompt
 
 QUESTION_TYPES = ("multiple choice", "numerical", "regression")
 
@@ -23,22 +23,6 @@ QUESTIONER_INSTRUCTION = (
     "a letter.")
 
 REASONER_INSTRUCTION = "Think step by step, then give the final answer in \\boxed{}."
-
-
-def encode_prompt(processor, image, text):
-    """Chat-format (image(s), user text) with the processor's template and encode it as a `Prompt`.
-
-    `image` is one PIL image or a list of them; each becomes an image part of the message, in order,
-    before the text (the `Prompt` then has one `image_grid_thw` row per image).
-    """
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    chat = processor.apply_chat_template([{"role": "user", "content": content}],
-                                         add_generation_prompt=True,
-                                         tokenize=False)
-    inputs = processor(images=images, text=[chat], return_tensors="pt")
-    return Prompt(inputs["input_ids"][0], inputs["pixel_values"], inputs.get("image_grid_thw"),
-                  inputs.get("image_position_ids"))
 
 
 def questioner_prompt(processor, image):
@@ -68,26 +52,6 @@ class GeneratedQuestion:
 
 _TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL)
         for name in ("type", "question", "answer")}
-_OPTION_MARK = re.compile(r"(?:^|(?<=\s))\(?([A-H])[.):]\s+")
-
-
-def parse_choices(question):
-    """Option texts of a question that lists options as 'A. x B. y', '(A) x (B) y' or 'A) x B) y'.
-
-    Returns the texts in letter order (A, B, ...) when A and B at least are present, else None.
-    """
-    marks = list(_OPTION_MARK.finditer(question))
-    run = []  # positions in `marks` of A, B, C, ... in order, starting at the first A
-    for position, mark in enumerate(marks):
-        if mark.group(1) == chr(ord("A") + len(run)):
-            run.append(position)
-        elif run:
-            break
-    if len(run) < 2:
-        return None
-    # An option's text runs to the next mark of any letter (or the end of the question).
-    ends = [marks[p + 1].start() if p + 1 < len(marks) else len(question) for p in run]
-    return [question[marks[p].end():end].strip().rstrip(",;").strip() for p, end in zip(run, ends)]
 
 
 def parse_question(text):

@@ -10,9 +10,13 @@ bookkeeping and part files. `visplay.py` holds the algorithm; this module what i
   policy in one process.
 - `Run.restart_metrics` / `Run.log_metrics`: metrics.jsonl, one row per GRPO step, the same after
   a resume as without one.
+- `Run.open_stage` / `Stage`: a GRPO stage's scaffolding, shared by VisPlay's two roles and the
+  spy game: the policy, its frozen reference and optimizer loaded, the newest checkpoint resumed,
+  checkpoints while it runs, the export at its end.
 - `Run.in_parts` / `Run.done_parts`: work split into chunks over ranks, each chunk's rows saved as
   a part file (a killed stage resumes at the first missing part), merged in order by rank 0.
-- `seed_for`: the seed of every random choice, from the config's seed and where it is made.
+- `seed_for`, `draw`: the seed of every random choice, from the config's seed and where it is
+  made; a seeded draw of indices.
 """
 
 import gc
@@ -24,19 +28,24 @@ import shutil
 import uuid
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import yaml
 
+import checkpoint
 import distributed
 from benchmark_files import load_benchmark
 from config import ConfigError, config_to_dict
-from data import ImagePool, atomic_path, list_images, read_jsonl, write_jsonl
+from data import ImagePool, atomic_path, list_images, read_jsonl, read_pairs, write_jsonl
 from distributed import gathered, is_sharded, load_into_shards, shard_model
-from families import family_of, is_vision_parameter
-from grpo import FORWARD_METHODS
+from grpo import Learner, make_optimizer
+from models.families import family_of, is_vision_parameter
+from models.inputs import special_tokens
+from models.load import check_model_dir, load_vlm, save_vlm
+from models.logprobs import FORWARD_METHODS
 from sampler import Limits
-from vlm import check_model_dir, load_vlm, save_vlm
 
 log = logging.getLogger("visplay")
 
@@ -44,6 +53,13 @@ log = logging.getLogger("visplay")
 def seed_for(seed, *parts):
     """A seed for one random choice of the run, from the config's seed and where it is made."""
     return zlib.crc32("/".join(map(str, (seed,) + parts)).encode())
+
+
+def draw(seed, population, count):
+    """`count` indices of range(population): shuffled passes over the population, end to end."""
+    rng = np.random.default_rng(seed)
+    passes = [rng.permutation(population) for _ in range(-(-count // population))]
+    return np.concatenate(passes)[:count].tolist()
 
 
 def free_memory():
@@ -76,10 +92,8 @@ def check_sources(cfg):
             raise ConfigError("data.images: a run on model.path needs a folder or a JSONL "
                               "manifest of images")
     if game and cfg.spy.pairs is not None:
-        import spy
-
         try:
-            spy.read_pairs(cfg.spy.pairs)
+            read_pairs(cfg.spy.pairs)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"spy.pairs: {error}") from None
     image_paths = None
@@ -108,6 +122,35 @@ def _first_difference(old, new, prefix=""):
         elif a != b:
             return f"{prefix}{key}", a, b
     return None
+
+
+@dataclass
+class Stage:
+    """A GRPO stage under way (`Run.open_stage`): what it trains with, where it resumes from, where
+    it checkpoints and where it ends."""
+    run: "Run"
+    learner: Learner              # the policy, its optimizer and frozen reference, the tokens
+    processor: object             # the policy's processor
+    steps: int                    # the stage's GRPO steps
+    folder: str                   # RUN/checkpoints/<out folder name>: its resumable checkpoints
+    out_path: str                 # the save_pretrained folder it ends in
+    start: int = 0                # the first step to run: 0, or the resumed checkpoint's step
+    extra: dict | None = None     # what the resumed checkpoint kept besides the weights, the
+                                  # optimizer and the RNG states (`save`'s extra)
+
+    def save(self, done, extra=None):
+        """After `done` steps: a resumable checkpoint every save_every steps (none after the last
+        step: the export follows). extra: JSON data the stage needs to resume (the spy game's
+        stage switch and role baselines)."""
+        every = self.run.cfg.save_every
+        if every and done % every == 0 and done < self.steps:
+            checkpoint.save(self.folder, done, self.learner.policy, self.learner.optimizer,
+                            extra=extra)
+
+    def finish(self):
+        """Export the trained policy to out_path (`Run.export`) and remove the checkpoints."""
+        self.run.export(self.learner.policy, self.processor, self.out_path)
+        checkpoint.remove(self.folder)
 
 
 class Run:
@@ -151,17 +194,17 @@ class Run:
         self._check_shared()
 
     def _embedded_world(self):
-        """The toy world's base, pool and benchmark (`toybase.build_embedded`), built by rank 0
-        the first time, then found by every rank."""
-        import toybase
+        """The toy world's base, pool and benchmark (`toyworld.base.build_embedded`), built by
+        rank 0 the first time, then found by every rank."""
+        from toyworld.base import build_embedded
 
         if os.path.isdir(self.path("embedded", "base")):
             log.info("reusing the embedded world built earlier in %s", self.path("embedded"))
         if distributed.is_main():
-            world = toybase.build_embedded(self.path("embedded"), self.cfg.seed)
+            world = build_embedded(self.path("embedded"), self.cfg.seed)
         distributed.barrier()
         if not distributed.is_main():
-            world = toybase.build_embedded(self.path("embedded"), self.cfg.seed)
+            world = build_embedded(self.path("embedded"), self.cfg.seed)
         return world
 
     def _check_shared(self):
@@ -325,6 +368,28 @@ class Run:
         if distributed.is_main():
             save_vlm(model, processor, path, state_dict=state)
         distributed.barrier()
+
+    def open_stage(self, settings, *, start_path, out_path, label):
+        """A GRPO stage's pieces, for VisPlay's two roles and the spy game alike: the policy from
+        start_path (trainable), its frozen reference when settings.kl_coef > 0 (the KL term's
+        anchor: the stage's starting weights, parked), AdamW (`grpo.make_optimizer`); then the
+        newest complete checkpoint in RUN/checkpoints/<out folder name>, if any, loaded into
+        them (logged as "[label] resumed from ..."). Returns a `Stage`."""
+        policy, processor = self.load_model(start_path, trainable=True)
+        reference = None
+        if settings.kl_coef > 0:  # on the GPU only while it scores (park)
+            reference, _ = self.load_model(start_path, trainable=False, park=True)
+        optimizer = make_optimizer(policy, settings)
+        learner = Learner(policy, optimizer, reference, special_tokens(processor, policy),
+                          autocast=self.autocast, on_device=self.on_device)
+        stage = Stage(self, learner, processor, settings.steps,
+                      self.path("checkpoints", os.path.basename(out_path)), out_path)
+        found = checkpoint.latest(stage.folder)
+        if found is not None:
+            stage.start, path = found
+            stage.extra = checkpoint.load(path, policy, optimizer)["extra"]
+            log.info("[%s] resumed from %s", label, path)
+        return stage
 
     # ------------------------------------------------------------------ metrics
 

@@ -16,7 +16,7 @@ answers it. Iteration i = 1..T, with Q_0 = S_0 = the base model (README, "The al
                           its share p the confidence; `keep_informative` keeps p_low <= p <= p_high.
   4. `train_reasoner`     GRPO on S_{i-1} over the kept questions: reward 0.9 * [matches the
                           silver label] + 0.1 * [boxed answer].
-  5. `evaluate_reasoner`  greedy accuracy of S_i on the labeled benchmarks.
+  5. `evaluate_reasoner`  greedy accuracy of S_i on the labeled benchmarks (eval.py).
 Stages 1 and 4 run `train_stage`: per GRPO step, a rollout batch (`questioner_batch`,
 `reasoner_batch`), then `grpo.train_step` (advantages, old and reference log-probs, the updates).
 
@@ -47,35 +47,35 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 
-import checkpoint
 import distributed
 from answers import extract_boxed, infer_answer_type, majority_vote
 from config import ConfigError, load_config
-from data import atomic_path, load_image, read_jsonl, write_json, write_jsonl
+from data import atomic_path, load_image, read_jsonl, write_jsonl
 from distributed import gathered, my_part
-from eval import evaluate, summarize
-from grpo import make_optimizer, train_step
+from eval import evaluate_reasoner
+from grpo import RolloutBatch, train_step
+from models.inputs import special_tokens
 from rewards import diversity_penalty, questioner_reward, reasoner_reward
 from roles import parse_question, questioner_prompt, reasoner_prompt
-from run import Run, free_memory, seed_for
-from sampler import Rollout, Sampling, decode, rollout, special_tokens
+from run import Run, draw, free_memory, seed_for
+from sampler import Sampling, decode, rollout
 from summary import format_summary, iteration_summary
 
 log = logging.getLogger("visplay")
 
 
-def draw(seed, population, count):
-    """`count` indices of range(population): shuffled passes over the population, end to end."""
-    rng = np.random.default_rng(seed)
-    passes = [rng.permutation(population) for _ in range(-(-count // population))]
-    return np.concatenate(passes)[:count].tolist()
-
-
 # ----------------------------------------------------------------------------
 # The reasoner's votes and the step's diversity penalty (the questioner's reward needs both)
+
+
+@dataclass
+class Query:
+    """One question put to the reasoner: the image it is about, its text, its options."""
+    image: object                 # a PIL image
+    question: str
+    choices: list[str] | None     # the option texts when the question lists them
 
 
 @dataclass
@@ -86,27 +86,22 @@ class Vote:
     confidence: float             # p: the majority's share of the samples
 
 
-def answer_votes(reasoner, processor, *, images, questions, choices, samples, sampling,
-                 limits, generator):
-    """The reasoner answers each (image, question) `samples` times; majority vote over the boxed
-    answers (`answers.majority_vote`).
-
-    questions: list of str; choices: per question the option texts or None. Returns a `Vote` per
-    question.
+def answer_votes(reasoner, processor, queries, *, samples, sampling, limits, generator):
+    """The reasoner answers each `Query` `samples` times; majority vote over the boxed answers
+    (`answers.majority_vote`). Returns a `Vote` per query.
     """
-    if not questions:
+    if not queries:
         return []
     tokens = special_tokens(processor, reasoner)
-    prompts = [reasoner_prompt(processor, image, question)
-               for image, question in zip(images, questions)]
+    prompts = [reasoner_prompt(processor, query.image, query.question) for query in queries]
     sampled = rollout(reasoner, prompts, group_size=samples, sampling=sampling, tokens=tokens,
                       limits=limits, generator=generator)
     texts = decode(processor, sampled.completion_ids, sampled.completion_mask)
     answers = [extract_boxed(text) for text in texts]
     votes = []
-    for i, options in enumerate(choices):
+    for i, query in enumerate(queries):
         mine = answers[i * samples:(i + 1) * samples]
-        silver_answer, confidence = majority_vote(mine, options)
+        silver_answer, confidence = majority_vote(mine, query.choices)
         votes.append(Vote(mine, silver_answer, confidence))
     return votes
 
@@ -121,15 +116,6 @@ def step_diversity_penalty(local_questions, threshold):
 
 # ----------------------------------------------------------------------------
 # The GRPO stages (steps 1 and 4)
-
-
-@dataclass
-class RolloutBatch:
-    """One GRPO step's sampled and rewarded data on this rank."""
-    prompts: list                 # the `Prompt` of each prompt index of `sampled`
-    sampled: Rollout              # G completions per prompt, grouped
-    rewards: torch.Tensor         # [N] one per completion, in the order of `sampled`
-    metrics: dict                 # the role's own metrics, seconds sampling and scoring
 
 
 def policy_rollout(run, iteration, role, step, *, policy, processor, tokens, prompts):
@@ -165,10 +151,10 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
     prompt_of = sampled.prompt_index.tolist()
     labeling = run.cfg.labeling  # the votes that score a question are sampled as labeling's
     answer_sampling = Sampling(labeling.temperature, labeling.top_p, 0, labeling.max_new_tokens)
+    queries = [Query(images[prompt_of[i]], questions[i].question, questions[i].choices)
+               for i in valid]
     with run.in_use(reasoner):
-        votes = answer_votes(reasoner, processor, images=[images[prompt_of[i]] for i in valid],
-                             questions=[questions[i].question for i in valid],
-                             choices=[questions[i].choices for i in valid],
+        votes = answer_votes(reasoner, processor, queries,
                              samples=settings.answer_samples, sampling=answer_sampling,
                              limits=run.limits(settings.rollout_batch_size),
                              generator=run.generator(iteration, "questioner-answers", step))
@@ -191,7 +177,7 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
                "diversity_penalty_mean": penalty_sum / count,
                "seconds_sampling": seconds_sampling,
                "seconds_scoring": time.perf_counter() - started}
-    return RolloutBatch(prompts, sampled, rewards, metrics)
+    return RolloutBatch(prompts, sampled, rewards, metrics=metrics)
 
 
 def reasoner_batch(run, iteration, *, kept, order, policy, processor, tokens, step):
@@ -217,42 +203,30 @@ def reasoner_batch(run, iteration, *, kept, order, policy, processor, tokens, st
         for text, p in zip(texts, sampled.prompt_index.tolist())])
     metrics = {"seconds_sampling": seconds_sampling,
                "seconds_scoring": time.perf_counter() - started}
-    return RolloutBatch(prompts, sampled, rewards, metrics)
+    return RolloutBatch(prompts, sampled, rewards, metrics=metrics)
 
 
 def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
     """One role's GRPO stage: from the weights at start_path to a save_pretrained folder at
     out_path, `steps` GRPO steps, resumable.
 
-    make_batch(policy=, processor=, tokens=, step=) -> `RolloutBatch` samples and rewards this
-    rank's share of step `step` (`questioner_batch` or `reasoner_batch`, their other arguments
-    bound). Checkpoints every `save_every` steps go to RUN/checkpoints/<out folder name>/; a rerun
-    continues from the newest complete one.
+    make_batch(policy=, processor=, tokens=, step=) -> `grpo.RolloutBatch` samples and rewards
+    this rank's share of step `step` (`questioner_batch` or `reasoner_batch`, their other
+    arguments bound). `Run.open_stage` loads the policy, its frozen reference and optimizer and
+    resumes from the newest complete checkpoint (RUN/checkpoints/<out folder name>/, written
+    every `save_every` steps).
     """
     settings = getattr(run.cfg, role)
-    policy, processor = run.load_model(start_path, trainable=True)
-    # The KL term's anchor: the stage's starting weights, frozen.
-    reference = None
-    if settings.kl_coef > 0:  # on the GPU only while it scores (park)
-        reference, _ = run.load_model(start_path, trainable=False, park=True)
-    optimizer = make_optimizer(policy, settings)
-    tokens = special_tokens(processor, policy)
-    folder = run.path("checkpoints", os.path.basename(out_path))
-    start = 0
-    found = checkpoint.latest(folder)
-    if found is not None:
-        start, path = found
-        checkpoint.load(path, policy, optimizer)
-        log.info("[iter %d %s] resumed from %s", iteration, role, path)
-    run.restart_metrics(iteration, role, from_step=start)
-    for step in range(start, settings.steps):
+    stage = run.open_stage(settings, start_path=start_path, out_path=out_path,
+                           label=f"iter {iteration} {role}")
+    policy, tokens = stage.learner.policy, stage.learner.tokens
+    run.restart_metrics(iteration, role, from_step=stage.start)
+    for step in range(stage.start, settings.steps):
         with run.autocast():  # bf16 compute of the fp32 policy: weights cast once per rollout
-            batch = make_batch(policy=policy, processor=processor, tokens=tokens, step=step)
+            batch = make_batch(policy=policy, processor=stage.processor, tokens=tokens, step=step)
         if run.device.type == "cuda":  # the rollout's KV cache blocks, back for training's shapes
             torch.cuda.empty_cache()
-        metrics = train_step(policy, reference, optimizer, prompts=batch.prompts,
-                             sampled=batch.sampled, rewards=batch.rewards, tokens=tokens,
-                             cfg=settings, autocast=run.autocast, on_device=run.on_device)
+        metrics = train_step(stage.learner, batch, settings)
         metrics.update(batch.metrics, iteration=iteration, stage=role, step=step)
         run.log_metrics(metrics)
         log.info("[iter %d %s %d/%d] reward %.3f±%.3f  kl %.4f  entropy %.2f  len %.1f  grad %.3f"
@@ -261,11 +235,8 @@ def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
                  metrics["entropy"], metrics["response_length_mean"], metrics["grad_norm"],
                  metrics["seconds_sampling"], metrics["seconds_scoring"],
                  metrics["seconds_training"])
-        done = step + 1
-        if run.cfg.save_every and done % run.cfg.save_every == 0 and done < settings.steps:
-            checkpoint.save(folder, done, policy, optimizer)
-    run.export(policy, processor, out_path)
-    checkpoint.remove(folder)
+        stage.save(step + 1)
+    stage.finish()
 
 
 def train_questioner(run, iteration, *, questioner_path, reasoner_path, out_path):
@@ -294,7 +265,7 @@ def train_reasoner(run, iteration, *, reasoner_path, kept_path, out_path):
 
 
 # ----------------------------------------------------------------------------
-# Questions, silver labels, evaluation (steps 2, 3 and 5)
+# Questions and silver labels (steps 2 and 3; step 5 is `eval.evaluate_reasoner`)
 
 
 def generate_questions(run, iteration, *, questioner_path, out_path):
@@ -360,17 +331,16 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
     sampling = Sampling(settings.temperature, settings.top_p, 0, settings.max_new_tokens)
 
     def work(chunk):
-        images, readable = [], []
+        queries, readable = [], []
         for r in rows[chunk * settings.batch_size:(chunk + 1) * settings.batch_size]:
             try:
-                images.append(load_image(r["image"], model_settings.min_pixels,
-                                         model_settings.max_pixels))
-                readable.append(r)
+                image = load_image(r["image"], model_settings.min_pixels, model_settings.max_pixels)
             except ValueError as error:
                 log.warning("labeling skipped a question: %s", error)
-        votes = answer_votes(model, processor, images=images,
-                             questions=[r["question"] for r in readable],
-                             choices=[r["choices"] for r in readable],
+                continue
+            queries.append(Query(image, r["question"], r["choices"]))
+            readable.append(r)
+        votes = answer_votes(model, processor, queries,
                              samples=settings.answers_per_question, sampling=sampling,
                              limits=run.limits(settings.batch_size),
                              generator=run.generator(iteration, "label", chunk))
@@ -387,35 +357,6 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
         log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f]%s)", iteration,
                  len(labeled), len(kept), settings.p_low, settings.p_high, note)
     run.done_parts(labeled_path)
-
-
-def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
-    """Step 5: greedy accuracy (and sampled pass@1 / majority@k) of a reasoner on every
-    benchmark -> eval_v{i}.json, and one graded row per item -> eval_v{i}_items.jsonl."""
-    settings, model_settings = run.cfg.eval, run.cfg.model
-    model, processor = run.load_model(reasoner_path, trainable=False)
-    summaries, items_rows = {}, []
-    for name, items in run.benchmarks.items():
-        items = items[:settings.max_items] if settings.max_items else items
-        with gathered(model):
-            mine = evaluate(model, processor, my_part(items), min_pixels=model_settings.min_pixels,
-                            max_pixels=model_settings.max_pixels,
-                            max_new_tokens=settings.max_new_tokens,
-                            batch_size=settings.batch_size, samples=settings.samples,
-                            kv_cache_gib=model_settings.kv_cache_gib,
-                            prefill_tokens=model_settings.prefill_tokens,
-                            check_every=model_settings.decode_check_every,
-                            seed=seed_for(run.cfg.seed, "eval", distributed.rank()),
-                            progress=distributed.is_main())
-        results = distributed.all_gather_list(mine)
-        summaries[name] = summarize(results)
-        items_rows += [{"benchmark": name, **r} for r in results]
-        log.info("[iter %d eval] %s: accuracy %.1f%% (%d items)", iteration, name,
-                 100 * summaries[name]["accuracy"], len(results))
-    if distributed.is_main():
-        write_jsonl(out_path.replace(".json", "_items.jsonl"), items_rows)
-        write_json(out_path, summaries)
-    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------
@@ -488,8 +429,8 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         torch.manual_seed(cfg.seed)
-        if cfg.method == "vision-zero":  # the spy game (vision_zero.py)
-            from vision_zero import run_game
+        if cfg.method == "vision-zero":  # the spy game (vision_zero/train.py)
+            from vision_zero.train import run_game
             run_game(cfg)
         else:
             run_loop(cfg)

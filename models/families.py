@@ -1,8 +1,9 @@
 """What differs between the model families this project trains, in one table (`FAMILIES`).
 
 Every family is a transformers `*ForConditionalGeneration` with `model.model.language_model.layers`
-and an `lm_head`; the sampler (`sampler.py`), the training forward (`grpo.py`), FSDP2 sharding
-(`distributed.py`), loading and export (`vlm.py`) read the rest from the family's `Family`:
+and an `lm_head`; the sampler (`sampler.py`), model inputs (`models/inputs.py`), the training
+forward (`models/logprobs.py`), FSDP2 sharding (`distributed.py`), loading and export
+(`models/load.py`) read the rest from the family's `Family`:
 
 - positions: Qwen's multimodal rope (`model.model.get_rope_index`: image tokens get (t, h, w)
   positions, text continues after the largest) or plain 1-D positions (InternVL, Gemma);
@@ -11,7 +12,8 @@ and an `lm_head`; the sampler (`sampler.py`), the training forward (`grpo.py`), 
   their whole image);
 - tokens: which end a turn (EOS) and which only the processor may place (never sampled);
 - the chat template (used when a checkpoint brings none) and the image-only processor class
-  (the stock processors also want a video processor, which needs torchvision: not a dependency);
+  (the stock processors also want a video processor, which needs torchvision: not a dependency;
+  `ImageProcessor` is Qwen2.5-VL's, a name the shipped bases' processor configs record);
 - FSDP2 units (the vision blocks' path) and the parameter names `freeze_vision` freezes;
 - the KV cache and how a prompt's encoding is shared by its G completions in training;
 - whether the model soft-caps its logits (Gemma 4), which the training forward must repeat.
@@ -29,6 +31,7 @@ from transformers import (
     InternVLForConditionalGeneration,
     InternVLProcessor,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
     Qwen3_5ForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
@@ -36,7 +39,28 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from vlm import CHAT_TEMPLATE, VISION_TOKENS, ImageProcessor
+# Tokens that only the processor may place: sampling one of them breaks the next forward pass.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+
+# Qwen2.5-VL's chat template without the default system prompt (a real checkpoint brings its own).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ImageProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` for images only (no video processor, hence no torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
 
 
 class Qwen3VLImageProcessor(Qwen3VLProcessor):
@@ -101,7 +125,7 @@ GEMMA4_TEMPLATE = (GEMMA3_TEMPLATE.replace("<start_of_turn>", "<|turn>")
 @dataclass(frozen=True)
 class Family:
     """What the sampler, the trainer, sharding and export need to know about one model family."""
-    name: str                 # as the README's table of families names it
+    name: str                 # as docs/models.md's table of families names it
     model_class: type         # loads the checkpoint and is what `save_pretrained` exports
     processor_class: type     # image-only processor (`from_pretrained` of a checkpoint folder)
     rope: str                 # "mrope": [3, B, L] positions from get_rope_index; "1d": [B, L]

@@ -8,12 +8,12 @@ summarises every token so far. Two consequences:
   `repeat_rows` / `select_rows` do it for every kind of layer (`concat_rows` joins the caches of
   prefill chunks).
 - Training cannot pack a prompt and its G completions into one sequence with a 4D mask
-  (`sampler.collate_groups`): a recurrent layer ignores the mask, so completion 2 would read
-  completion 1 through the state. Instead (`collate_prompt_cache`, `prompt_cache_hidden`) the
-  prompts are forwarded once into a cache, with gradients; each completion row takes its prompt's
-  cache row and continues from it. Exact, and the prompt (image included) is still computed once
-  per group; the price is a second forward call (the completions), and the caches of the
-  full-attention layers are kept for the backward.
+  (`inputs.collate_groups`): a recurrent layer ignores the mask, so completion 2 would read
+  completion 1 through the state. Instead (`inputs.collate_prompt_cache`, `prompt_cache_hidden`)
+  the prompts are forwarded once into a cache, with gradients; each completion row takes its
+  prompt's cache row and continues from it. Exact, and the prompt (image included) is still
+  computed once per group; the price is a second forward call (the completions), and the caches
+  of the full-attention layers are kept for the backward.
 """
 
 import torch
@@ -68,34 +68,6 @@ class _OutOfPlaceLinearLayer(LinearAttentionLayer):
     def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
         self.recurrent_states[state_idx] = recurrent_states
         return recurrent_states
-
-
-def collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask):
-    """Model inputs for `prompt_cache_hidden`: each group's prompt once, then one row per
-    completion (groups as `sampler.group_rows` forms them).
-
-    Returns dict(prompt=`sampler.collate`'s inputs for the groups' prompts (left-padded),
-    rows [n] = the group of each completion row, input_ids [n, T] = the completions,
-    attention_mask [n, P + T] = the prompt's padding then the completion mask, position_ids
-    continuing each prompt's largest position).
-    """
-    from sampler import collate, group_rows
-
-    groups = group_rows(prompts)
-    rows = [g for g, (_, members) in enumerate(groups) for _ in members]
-    base = collate(model, [prompt for prompt, _ in groups], tokens)
-    device = base["input_ids"].device
-    rows = torch.tensor(rows, device=device)
-    positions = base["position_ids"].view(-1, *base["input_ids"].shape)  # [3 or 1, B, P]
-    first = positions.amax(dim=(0, 2))[rows] + 1
-    steps = torch.arange(completion_ids.shape[1], device=device)
-    position_ids = (first[:, None] + steps).expand(len(positions), -1, -1)
-    if base["position_ids"].dim() == 2:
-        position_ids = position_ids[0]
-    attention_mask = torch.cat([base["attention_mask"][rows],
-                                completion_mask.to(device).long()], dim=1)
-    return dict(prompt=base, rows=rows, input_ids=completion_ids.to(device),
-                attention_mask=attention_mask, position_ids=position_ids)
 
 
 def prompt_cache_hidden(model, batch):

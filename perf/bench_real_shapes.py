@@ -1,8 +1,8 @@
 """Cost of one GRPO step at real Qwen2.5-VL 3B / 7B shapes, with random weights (no download).
 
-    python benchmarks/bench_real_shapes.py --shape tiny --repeats 1      # CPU smoke test
-    python benchmarks/bench_real_shapes.py --shape 3b,7b --write BENCHMARKS.md   # one GPU
-    python benchmarks/bench_real_shapes.py --shape 3b --predict-only     # memory plan, no weights
+    python perf/bench_real_shapes.py --shape tiny --repeats 1      # CPU smoke test
+    python perf/bench_real_shapes.py --shape 3b,7b --write BENCHMARKS.md   # one GPU
+    python perf/bench_real_shapes.py --shape 3b --predict-only     # memory plan, no weights
 
 Why random weights: what a step costs (time and memory) depends on the shapes (layers, widths,
 vocabulary, image tokens, completion length), not on the values, so a model built from a
@@ -44,7 +44,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sampler  # noqa: E402
 from config import ReasonerConfig  # noqa: E402
-from grpo import make_optimizer, train_step  # noqa: E402
+from grpo import Learner, RolloutBatch, make_optimizer, train_step  # noqa: E402
+from models.inputs import Prompt, Tokens  # noqa: E402
 
 GIB = 2**30
 
@@ -158,7 +159,7 @@ def make_prompts(config, ids, side, count, generator):
             torch.full((image_tokens,), ids["image_pad"]), special("vision_end"),
             text(QUESTION_TOKENS), special("im_end", "im_start"), text(ASSISTANT_TOKENS)])
         pixel_values = torch.randn(grid * grid, patch_dim, generator=generator)
-        prompts.append(sampler.Prompt(input_ids, pixel_values, torch.tensor([[1, grid, grid]])))
+        prompts.append(Prompt(input_ids, pixel_values, torch.tensor([[1, grid, grid]])))
     return prompts
 
 
@@ -312,9 +313,9 @@ def run_case(model, reference, optimizer, *, config, ids, side, new_tokens, args
     image_tokens, prompt_tokens = prompt_layout(config, side)
     generator = torch.Generator().manual_seed(side * 100003 + new_tokens)
     prompts = make_prompts(config, ids, side, args.prompts, generator)
-    tokens = sampler.Tokens(pad_id=ids["endoftext"], eos_ids=[],  # nothing ends a row
-                            banned_ids=[ids[name] for name in VISION_IDS],
-                            image_token_id=ids["image_pad"])
+    tokens = Tokens(pad_id=ids["endoftext"], eos_ids=[],  # nothing ends a row
+                    banned_ids=[ids[name] for name in VISION_IDS],
+                    image_token_id=ids["image_pad"])
     cfg = ReasonerConfig(group_size=args.group_size, prompts_per_step=args.prompts,
                          updates_per_step=1, micro_batch_size=args.micro_batch_size,
                          max_new_tokens=new_tokens, kl_coef=0.01 if reference else 0.0,
@@ -360,9 +361,10 @@ def run_case(model, reference, optimizer, *, config, ids, side, new_tokens, args
         if not row["update_oom"]:
             free_memory(device)  # the rollout's cache blocks back, as the training loop does
             try:
-                _, step_seconds, update_peak = measured(lambda: train_step(
-                    model, reference, optimizer, prompts=prompts, sampled=sampled,
-                    rewards=rewards, tokens=tokens, cfg=cfg, autocast=autocast), device)
+                learner = Learner(model, optimizer, reference, tokens, autocast=autocast)
+                batch = RolloutBatch(prompts, sampled, rewards)
+                _, step_seconds, update_peak = measured(
+                    lambda: train_step(learner, batch, cfg), device)
             except torch.cuda.OutOfMemoryError:
                 oom = True
             if oom:
@@ -507,7 +509,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
-    command = "python benchmarks/bench_real_shapes.py " + shlex.join(argv)
+    command = "python perf/bench_real_shapes.py " + shlex.join(argv)
     reference = "on (kl_coef 0.01)" if args.reference else "off"
     settings = (f"G {args.group_size}, micro-batch {args.micro_batch_size}, prefill tokens "
                 f"{args.prefill_tokens}, reference {reference}, shared prefix "

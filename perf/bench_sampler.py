@@ -1,11 +1,11 @@
 """Rollout cost: the shared-prefix sampler against prefilling every sample, and against HF generate.
 
-GRPO samples G completions per (image, prompt). `grpo.sample` prefills each prompt once and copies
-its KV cache to the G rows; the alternatives prefill the image and prompt G times. The gap grows
-with the number of image tokens, which is why real images (500-5000 tokens) make it matter.
+GRPO samples G completions per (image, prompt). `sampler.sample` prefills each prompt once and
+copies its KV cache to the G rows; the alternatives prefill the image and prompt G times. The gap
+grows with the number of image tokens, which is why real images (500-5000 tokens) make it matter.
 
-    python benchmarks/bench_sampler.py                  # CPU defaults: prints a markdown table
-    python benchmarks/bench_sampler.py --device cuda --hidden 1024 --layers 8 --image 896
+    python perf/bench_sampler.py                  # CPU defaults: prints a markdown table
+    python perf/bench_sampler.py --device cuda --hidden 1024 --layers 8 --image 896
 
 Models are random (built from a config, no download); every method decodes exactly `--new-tokens`
 tokens (EOS is disabled) so they do the same amount of decoding work.
@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sampler import Sampling, Tokens, collate, sample, special_tokens  # noqa: E402
-from roles import encode_prompt  # noqa: E402
-from vlm import build_tiny_vlm  # noqa: E402
+from models.inputs import Tokens, collate, encode_prompt, special_tokens  # noqa: E402
+from models.tiny import build_tiny_vlm  # noqa: E402
+from sampler import Sampling, sample  # noqa: E402
 
 
 def timed(fn, device):

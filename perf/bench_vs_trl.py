@@ -3,9 +3,10 @@
 visplay writes its own sampler and update rather than training with TRL; this measures what that
 buys or costs, side by side on one machine, at settings chosen so that both sides do the same work:
 
-- the same saved tiny Qwen2.5-VL (`vlm.build_tiny_vlm`, about 14M and 37M parameters), loaded by
-  both from one folder; TRL gets `vlm.ImageProcessor` as its processing class (`AutoProcessor`
-  cannot load it: see `vlm`), its tokenizer left-padding as TRL's own loader would set it;
+- the same saved tiny Qwen2.5-VL (`tiny.build_tiny_vlm`, about 14M and 37M parameters), loaded by
+  both from one folder; TRL gets `families.ImageProcessor` as its processing class
+  (`AutoProcessor` cannot load it: see `models/load.py`), its tokenizer left-padding as TRL's own
+  loader would set it;
 - the same prompts: toy-world scenes with the reasoner's prompt (`roles`), checked on TRL's side
   (token ids, pixel values, image grids, byte for byte) before any step counts;
 - P prompts x G samples x exactly N new tokens on both sides: EOS is disabled (visplay: a `Tokens`
@@ -36,8 +37,8 @@ Per step (the first `--warmup` steps of each side are dropped), split where each
            too); update: the rest of the step (batch fetch, forward, backward, clip, AdamW,
            scheduler, callbacks).
 
-    python benchmarks/bench_vs_trl.py                       # 14M and 37M, G 4 and 8, beta 0, 0.04
-    python benchmarks/bench_vs_trl.py --sizes 14M --groups 4 --betas 0 --steps 5
+    python perf/bench_vs_trl.py                       # 14M and 37M, G 4 and 8, beta 0, 0.04
+    python perf/bench_vs_trl.py --sizes 14M --groups 4 --betas 0 --steps 5
 
 The default matrix takes about 10.5 minutes on 2 quiet CPU cores. Two processes of 2 threads on 2
 cores stall each other far beyond their share (steps 5-10x slower), hence the load check.
@@ -63,14 +64,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
 from config import ModelConfig, ReasonerConfig  # noqa: E402
+from models.families import ImageProcessor  # noqa: E402
+from models.inputs import Tokens, encode_prompt, special_tokens  # noqa: E402
+from models.load import load_vlm  # noqa: E402
+from models.tiny import build_tiny_vlm  # noqa: E402
 from rewards import reasoner_reward  # noqa: E402
-from roles import encode_prompt, reasoner_text  # noqa: E402
-from sampler import Limits, Sampling, Tokens, decode, rollout, special_tokens  # noqa: E402
-from toyworld import (BACKGROUND, SHAPE_SCALE, WorldConfig, balanced_questions,  # noqa: E402
-                      corpus, render_shapes, scenes)
-from vlm import ImageProcessor, build_tiny_vlm, load_vlm  # noqa: E402
+from roles import reasoner_text  # noqa: E402
+from sampler import Limits, Sampling, decode, rollout  # noqa: E402
+from toyworld.base import corpus  # noqa: E402
+from toyworld.world import (BACKGROUND, SHAPE_SCALE, WorldConfig, balanced_questions,  # noqa: E402
+                            render_shapes, scenes)
 
-# name -> `vlm.tiny_config` sizes (head_dim 64 in the text model, as Qwen's)
+# name -> `tiny.tiny_config` sizes (head_dim 64 in the text model, as Qwen's)
 SIZES = {
     "14M": dict(hidden_size=384, layers=8, heads=6, kv_heads=2, vision_hidden=224, vision_depth=4),
     "37M": dict(hidden_size=512, layers=12, heads=8, kv_heads=2, vision_hidden=384,
@@ -144,7 +149,7 @@ def timed_function(module, name):
 
 class VisplaySide:
     """A reasoner GRPO stage's state for one setting (`visplay.train_stage`: policy, frozen
-    reference when the KL coefficient is > 0, AdamW, tokens), and its step."""
+    reference when the KL coefficient is > 0, AdamW, tokens: `run.Run.open_stage`), and its step."""
 
     def __init__(self, path, items, *, group, beta, new_tokens, shared_prefix=True, seed=0):
         self.items = items
@@ -191,9 +196,9 @@ class VisplaySide:
                             accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight)
             for text, p in zip(texts, sampled.prompt_index.tolist())])
         rewarded = time.perf_counter()
+        learner = grpo.Learner(self.policy, self.optimizer, self.reference, self.tokens)
         with timed_function(grpo, "score_rollout") as scoring:
-            grpo.train_step(self.policy, self.reference, self.optimizer, prompts=prompts,
-                            sampled=sampled, rewards=rewards, tokens=self.tokens, cfg=cfg)
+            grpo.train_step(learner, grpo.RolloutBatch(prompts, sampled, rewards), cfg)
         done = time.perf_counter()
         self.lengths.append(sampled.completion_mask.sum(-1).long().tolist())
         self.times.append({"total": done - started, "gen": generated - started,

@@ -15,10 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from data import write_jsonl  # noqa: E402
+from models.tiny import build_tiny_vlm  # noqa: E402
 from roles import QUESTIONER_INSTRUCTION, reasoner_text  # noqa: E402
-from toyworld import FAMILIES, make_question, questioner_target, random_scene  # noqa: E402
-from vlm import build_tiny_vlm  # noqa: E402
-
+from toyworld.world import FAMILIES, make_question, questioner_target, random_scene  # noqa: E402
 
 
 def tiny_corpus():
@@ -76,9 +75,9 @@ def benchmark_file(tmp_path_factory):
 def format_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny model after a short supervised run on both roles' formats (so it writes parsable
     questions and boxed answers often enough for every stage of the loop to have data)."""
-    from toybase import BaseConfig, pretrain
-    from toyworld import WorldConfig
-    from vlm import load_vlm, save_vlm
+    from models.load import load_vlm, save_vlm
+    from toyworld.base import BaseConfig, pretrain
+    from toyworld.world import WorldConfig
 
     model, processor = load_vlm(tiny_model_dir)
     pretrain(model, processor, world=WorldConfig(pretrain_decay=0.5),

@@ -1,5 +1,6 @@
-"""Tests of answers.py: extraction, equivalence, majority vote, benchmark grading. Each rule is
-checked on the example it exists for and on the cases it must reject."""
+"""Tests of answers.py: extraction, equivalence, majority vote, benchmark grading, the options a
+question lists. Each rule is checked on the example it exists for and on the cases it must
+reject."""
 
 import pytest
 
@@ -12,6 +13,7 @@ from answers import (
     majority_vote,
     normalize_answer,
     normalize_text,
+    parse_choices,
 )
 from rewards import reasoner_reward
 
@@ -294,3 +296,43 @@ def test_answer_correct_missing_answer():
     assert not answer_correct(None, "yes", answer_type="yes_no")
     assert not answer_correct("", "", answer_type="free_form")
     assert not grade(None, "3")
+
+
+# ----------------------------------------------------------------------------
+# parse_choices
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Which colour? A. red B. blue C. green", ["red", "blue", "green"]),
+    ("Which colour? (A) red (B) blue", ["red", "blue"]),
+    ("Which colour? A) red B) blue C) green D) yellow", ["red", "blue", "green", "yellow"]),
+    ("Which shape is largest? A. the red circle B. the big blue square C. a small triangle",
+     ["the red circle", "the big blue square", "a small triangle"]),
+    ("A: yes B: no", ["yes", "no"]),
+    ("Pick one:\nA. two circles,\nB. three squares;\n", ["two circles", "three squares"]),
+    # a capital A as an ordinary word is not a mark (no '.', ')' or ':' after it)
+    ("A red circle is where? A. left B. right", ["left", "right"]),
+])
+def test_parse_choices(question, expected):
+    assert parse_choices(question) == expected
+
+
+@pytest.mark.parametrize("question", [
+    "How many red circles are there?",
+    "Which colour? A. red",                  # only one option
+    "Which colour? B. red C. blue D. green",  # starts at B
+    "Which colour? A.red B.blue",            # no space after the marks
+    "Which colour? xA. red yB. blue",        # marks glued to words
+])
+def test_parse_choices_none(question):
+    assert parse_choices(question) is None
+
+
+def test_parse_choices_run_stops_at_skipped_letter():
+    choices = parse_choices("Which colour? A. red B. blue D. green")
+    assert choices is not None and len(choices) == 2
+    assert choices[0] == "red"
+
+
+def test_parse_choices_last_option_text_ends_at_next_mark():
+    assert parse_choices("Which colour? A. red B. blue D. green") == ["red", "blue"]

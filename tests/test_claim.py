@@ -1,15 +1,12 @@
-"""benchmarks/toyworld_claim.py: its settings are the configurations they are named after, and its
+"""toyworld/claim.py: its settings are the configurations they are named after, and its
 post-hoc counts (answer flips, absent-object accuracy) match counts worked out by hand."""
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import toyworld_claim as claim  # noqa: E402
-import visplay  # noqa: E402
-from config import load_config  # noqa: E402
+import visplay
+from config import load_config
+from toyworld import claim
 
 CONFIG = os.path.join(claim.ROOT, "config.yaml")
 

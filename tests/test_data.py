@@ -18,6 +18,7 @@ from data import (
     list_images,
     load_image,
     read_jsonl,
+    read_pairs,
     write_json,
     write_jsonl,
 )
@@ -322,3 +323,16 @@ def test_writes_are_atomic_when_rename_fails(tmp_path, monkeypatch, writer, valu
         writer(path, value)
     monkeypatch.undo()
     assert open(path).read() == original
+
+
+def test_read_pairs_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_pairs(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"original": "a.png", "edited": "b.png"}) + "\n"
+                   + json.dumps({"original": "c.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: expected string fields"):
+        read_pairs(str(bad))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"original": "x/a.png", "edited": "x/b.png"}) + "\n")
+    assert read_pairs(str(good)) == [(str(tmp_path / "x/a.png"), str(tmp_path / "x/b.png"))]

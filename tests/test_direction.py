@@ -13,12 +13,13 @@ import grpo
 import visplay
 from config import load_config
 from data import load_image, read_jsonl, write_jsonl
+from models.inputs import special_tokens
+from models.load import load_vlm
 from rewards import reasoner_reward
 from roles import reasoner_prompt
 from run import Run
-from sampler import Limits, Sampling, decode, rollout, special_tokens
+from sampler import Limits, Sampling, decode, rollout
 from test_loop import tiny_overrides
-from vlm import load_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["questioner.prompts_per_step=4", "questioner.group_size=6", "questioner.updates_per_step=1",

@@ -23,11 +23,12 @@ import distributed
 import visplay
 from config import ReasonerConfig
 from distributed import shard_model
-from grpo import FORWARD_METHODS, train_step
+from grpo import Learner, RolloutBatch, train_step
+from models.inputs import encode_prompt, special_tokens
+from models.load import load_vlm
+from models.logprobs import FORWARD_METHODS
 from rewards import diversity_penalty
-from roles import encode_prompt
-from sampler import Rollout, Sampling, sample, special_tokens
-from vlm import load_vlm
+from sampler import Rollout, Sampling, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,9 +98,9 @@ def _update(model_dir, prompts, sampled, rewards, sharded, shared_prefix=True, c
         shard_model(model, mixed_precision=False, forward_methods=FORWARD_METHODS)
         shard_model(reference, mixed_precision=False, forward_methods=FORWARD_METHODS)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    metrics = train_step(model, reference, optimizer, prompts=prompts, sampled=sampled,
-                         rewards=rewards, tokens=special_tokens(processor, model),
-                         cfg=cfg or _config(shared_prefix))
+    learner = Learner(model, optimizer, reference, special_tokens(processor, model))
+    metrics = train_step(learner, RolloutBatch(prompts, sampled, rewards),
+                         cfg or _config(shared_prefix))
     return model, metrics
 
 
@@ -203,7 +204,7 @@ def _load_worker(model_dir, image_dir, benchmark_file, folder):
     frozen, _ = run.load_model(model_dir, trainable=False)
     prompts = _prompts(processor)[:2]
     sampled = torch.load(os.path.join(folder, "batch.pt"))
-    from grpo import completion_logprobs
+    from models.logprobs import completion_logprobs
 
     with torch.no_grad():
         logprobs, _ = completion_logprobs(policy, [prompts[i] for i in sampled["prompt_index"]],

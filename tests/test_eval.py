@@ -12,6 +12,7 @@ import io
 import json
 import os
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,12 +21,13 @@ from PIL import Image
 import benchmark_files
 import eval as evaluation
 from data import read_jsonl, write_jsonl
-from grpo import completion_logprobs
+from models.inputs import special_tokens
+from models.load import load_vlm
+from models.logprobs import completion_logprobs
 from roles import reasoner_prompt
-from sampler import Limits, Sampling, rollout, special_tokens
-from vlm import load_vlm
+from sampler import Limits, Sampling, rollout
 
-PIXELS = dict(min_pixels=28 * 28, max_pixels=28 * 28 * 16)
+SETTING = evaluation.EvalSetting(min_pixels=28 * 28, max_pixels=28 * 28 * 16)
 
 
 def png(color, size=(56, 56)):
@@ -90,8 +92,8 @@ def run(tiny, monkeypatch, path, responses, **kwargs):
     monkeypatch.setattr(evaluation, "generate", stub)
     report = {}
     items = benchmark_files.load_benchmark(path, report=report)
-    results = evaluation.evaluate(model, processor, items, batch_size=3, progress=False, **PIXELS,
-                                  **kwargs)
+    results = evaluation.evaluate(model, processor, items, replace(SETTING, batch_size=3),
+                                  progress=False, **kwargs)
     return items, results, report, stub
 
 
@@ -296,7 +298,7 @@ def test_json_lines_named_json_and_parquet(folder):
     assert ([i.question for i in benchmark_files.load_benchmark(str(folder / "lines.json"))]
             == ["Q1?", "Q2?"])
     (folder / "mmstar.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match="parquet is not read here.*README"):
+    with pytest.raises(ValueError, match="parquet is not read here.*docs/evaluation.md"):
         benchmark_files.load_benchmark(str(folder / "mmstar.parquet"))
 
 
@@ -307,7 +309,7 @@ def test_unreadable_at_evaluation_is_skipped_and_counted(tiny, monkeypatch, fold
                                   answer_type="yes_no")]
     monkeypatch.setattr(evaluation, "generate", Stub({"red": "yes"}))
     report = evaluation.Counter()
-    results = evaluation.evaluate(*tiny, items, progress=False, report=report, **PIXELS)
+    results = evaluation.evaluate(*tiny, items, SETTING, progress=False, report=report)
     assert graded(results) == [("ok", "yes", True)] and report == {"unreadable image": 1}
 
 
@@ -320,7 +322,7 @@ def test_samples_and_majority(tiny, monkeypatch, folder):
                                   answer_type="integer")]
     texts = iter([["\\boxed{3}"], ["\\boxed{4}", "3", "The answer is 3", "four"]])
     monkeypatch.setattr(evaluation, "generate", lambda *args, **kwargs: next(texts))
-    [row] = evaluation.evaluate(*tiny, items, samples=4, progress=False, **PIXELS)
+    [row] = evaluation.evaluate(*tiny, items, replace(SETTING, samples=4), progress=False)
     assert (row["correct"] and row["sample_correct"] == [False, True, True, False]
             and row["majority_correct"])
     summary = evaluation.summarize([row])
@@ -402,7 +404,7 @@ def test_judge_only_regrades_wrong_free_form_answers(tiny, monkeypatch, folder):
         asked.append((question, reference, prediction))
         return True
 
-    results = evaluation.evaluate(*tiny, items, judge=judge, progress=False, **PIXELS)
+    results = evaluation.evaluate(*tiny, items, SETTING, judge=judge, progress=False)
     assert asked == [("Which city?", "Paris", "The capital of France")]
     assert [(r["id"], r.get("judge"), r["correct"]) for r in results] == [("ff", True, True),
                                                                          ("ok", None, True),
@@ -530,8 +532,8 @@ def test_real_model_end_to_end(tiny, benchmark_file):
     report = {}
     items = benchmark_files.load_benchmark(benchmark_file, report=report)
     assert report["items"] == report["rows"] == 16 and report["bad"] == {}
-    results = evaluation.evaluate(*tiny, items, max_new_tokens=6, batch_size=8, samples=2,
-                                  progress=False, **PIXELS)
+    setting = replace(SETTING, max_new_tokens=6, batch_size=8, samples=2)
+    results = evaluation.evaluate(*tiny, items, setting, progress=False)
     summary = evaluation.summarize(results)
     assert summary["n"] == len(items) == 16 and 0.0 <= summary["accuracy"] <= 1.0
     assert 0.0 <= summary["pass@1"] <= 1.0 and 0.0 <= summary["majority@k"] <= 1.0

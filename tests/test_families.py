@@ -1,7 +1,8 @@
-"""Every family of `families.py` other than Qwen2.5-VL (which the rest of the suite tests) through
-the same code: build and load with its own classes, chat template, sampling against the training
-forward and `model.generate`, the shared-prefix forward against one row per completion, one GRPO
-step under 2-process FSDP2 against one process, and export. Tiny random models, fp32, CPU.
+"""Every family of `models/families.py` other than Qwen2.5-VL (which the rest of the suite tests)
+through the same code: build and load with its own classes, chat template, sampling against the
+training forward and `model.generate`, the shared-prefix forward against one row per completion,
+one GRPO step under 2-process FSDP2 against one process, and export. Tiny random models, fp32,
+CPU.
 """
 
 import json
@@ -13,16 +14,16 @@ import torch
 from PIL import Image
 
 import distributed
-import grpo
 import tiny_families
 from config import ReasonerConfig
-from families import FAMILIES, family_of
-from roles import encode_prompt
-from sampler import Rollout, Sampling, Tokens, collate, sample, special_tokens
+from models.families import FAMILIES, family_of
+from models.inputs import Tokens, collate, encode_prompt, special_tokens
+from models.load import load_vlm, save_vlm
+from models.logprobs import completion_logprobs
+from sampler import Rollout, Sampling, sample
 from test_distributed import _full_state, spawn_two
-from test_distributed import _update as distributed_update
 from test_distributed import _prompts as fsdp_prompts
-from vlm import load_vlm, save_vlm
+from test_distributed import _update as distributed_update
 
 FAMILY_TYPES = list(tiny_families.BUILDERS)  # qwen3_vl, qwen3_5, internvl, gemma3, gemma4
 
@@ -130,9 +131,9 @@ def test_sampled_logprobs_equal_the_training_forward(tiny):
     assert lengths.min() < lengths.max()  # rows really ended at different steps
     rows = [prompts[i] for i in result.prompt_index.tolist()]
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, rows, result.completion_ids,
-                                               result.completion_mask, tokens=tokens,
-                                               chunk_size=4)
+        logprobs, _ = completion_logprobs(model, rows, result.completion_ids,
+                                          result.completion_mask, tokens=tokens,
+                                          chunk_size=4)
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
@@ -173,7 +174,7 @@ def test_shared_prefix_forward_equals_one_row_per_completion(tiny):
         model.zero_grad()
         parts = []
         for piece in (slice(0, cut), slice(cut, len(rows))):
-            logprobs, entropy = grpo.completion_logprobs(
+            logprobs, entropy = completion_logprobs(
                 model, rows[piece], result.completion_ids[piece], mask[piece], tokens=tokens,
                 chunk_size=3, with_entropy=True, shared_prefix=shared)
             (logprobs * mask[piece]).sum().backward()
@@ -358,9 +359,9 @@ def test_qwen3_5_with_activation_checkpointing_trains_one_row_per_completion():
 
     def forward_and_backward(shared):
         model.zero_grad()
-        logprobs, _ = grpo.completion_logprobs(model, rows, result.completion_ids,
-                                               result.completion_mask, tokens=tokens,
-                                               shared_prefix=shared)
+        logprobs, _ = completion_logprobs(model, rows, result.completion_ids,
+                                          result.completion_mask, tokens=tokens,
+                                          shared_prefix=shared)
         (logprobs * result.completion_mask).sum().backward()
         return logprobs.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone()
                                    for p in model.parameters()]

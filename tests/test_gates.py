@@ -1,15 +1,11 @@
-"""benchmarks/toyworld_gates.py's scoring on three hand-made items: the figures per family, the
+"""toyworld/gates.py's scoring on three hand-made items: the figures per family, the
 count_total split at the lazy annotator's cut, and overall, each worked out by hand."""
 
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import toyworld_gates as gates  # noqa: E402
+from toyworld import gates
 
 
 def _item(category, answer, answer_type):

@@ -1,6 +1,6 @@
-"""Tests of sampler.py and grpo.py. Expected values are worked out by hand (arithmetic in the
-comments) or by a slower, obvious method written in the test (HF `model.generate`, a Python loop, a
-fresh forward).
+"""Tests of sampler.py, grpo.py and the training forward (models/logprobs.py). Expected values are
+worked out by hand (arithmetic in the comments) or by a slower, obvious method written in the test
+(HF `model.generate`, a Python loop, a fresh forward).
 Model tests use the tiny random Qwen2.5-VL of conftest.py, in fp32 on CPU."""
 
 import copy
@@ -14,11 +14,12 @@ from PIL import Image
 
 import grpo
 import sampler
-from sampler import (Limits, Sampling, collate, kv_bytes_per_token, next_token, plan_batches,
-                     rollout, sample, special_tokens)
 from config import ReasonerConfig
-from roles import encode_prompt
-from vlm import load_vlm
+from models.inputs import collate, collate_groups, encode_prompt, special_tokens
+from models.load import load_vlm
+from models.logprobs import completion_logprobs
+from sampler import (Limits, Sampling, kv_bytes_per_token, next_token, plan_batches, rollout,
+                     sample)
 
 # ----------------------------------------------------------------------------
 # Fixtures and helpers
@@ -342,9 +343,9 @@ def test_sampled_logprobs_match_training_forward(tiny, prompts):
     assert result.completion_ids.shape == result.completion_mask.shape == result.logprobs.shape
     check_row_structure(result, tokens, 12)
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
-                                               result.completion_ids, result.completion_mask,
-                                               tokens=tokens, temperature=1.0, chunk_size=5)
+        logprobs, _ = completion_logprobs(model, row_prompts(prompts, result),
+                                          result.completion_ids, result.completion_mask,
+                                          tokens=tokens, temperature=1.0, chunk_size=5)
     assert logprobs.shape == result.logprobs.shape
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
     assert torch.isfinite(logprobs[result.completion_mask.bool()]).all()
@@ -363,9 +364,9 @@ def test_rows_end_at_their_first_eos_and_logprobs_still_match(tiny, prompts):
     assert min(lengths) < max(lengths), lengths  # rows really ended at different steps
     assert result.completion_mask.sum(-1).tolist() == lengths
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
-                                               result.completion_ids, result.completion_mask,
-                                               tokens=eos_tokens, temperature=1.0, chunk_size=5)
+        logprobs, _ = completion_logprobs(model, row_prompts(prompts, result),
+                                          result.completion_ids, result.completion_mask,
+                                          tokens=eos_tokens, temperature=1.0, chunk_size=5)
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
@@ -379,10 +380,10 @@ def test_sampled_logprobs_match_training_forward_at_temperature(tiny, prompts):
                     generator=torch.Generator().manual_seed(2))
     args = (model, row_prompts(prompts, result), result.completion_ids, result.completion_mask)
     with torch.no_grad():
-        scaled, _ = grpo.completion_logprobs(*args, tokens=eos_tokens, temperature=0.7,
-                                             chunk_size=3)
-        unscaled, _ = grpo.completion_logprobs(*args, tokens=eos_tokens, temperature=1.0,
-                                               chunk_size=3)
+        scaled, _ = completion_logprobs(*args, tokens=eos_tokens, temperature=0.7,
+                                        chunk_size=3)
+        unscaled, _ = completion_logprobs(*args, tokens=eos_tokens, temperature=1.0,
+                                          chunk_size=3)
     assert masked_max_abs(scaled, result.logprobs, result.completion_mask) <= 1e-5
     assert masked_max_abs(unscaled, result.logprobs, result.completion_mask) > 1e-3
 
@@ -427,7 +428,7 @@ def test_banned_tokens_never_sampled(tiny, prompts):
     model, _, tokens = tiny
     vocab = model.config.text_config.vocab_size
     banned = sorted(set(tokens.banned_ids) | set(range(200, vocab)))
-    assert {9, 10, 11, 12, 13} <= set(banned)  # the five vision tokens of vlm.VISION_TOKENS
+    assert {9, 10, 11, 12, 13} <= set(banned)  # the five vision tokens of families.VISION_TOKENS
     restricted = dataclasses.replace(tokens, banned_ids=banned)
     sampling = Sampling(temperature=5.0, top_p=1.0, top_k=0, max_new_tokens=40)
     result = sample(model, prompts, group_size=8, sampling=sampling, tokens=restricted,
@@ -436,9 +437,9 @@ def test_banned_tokens_never_sampled(tiny, prompts):
     assert sampled.numel() > 500
     assert not torch.isin(sampled, torch.tensor(banned)).any()
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
-                                               result.completion_ids, result.completion_mask,
-                                               tokens=restricted, temperature=5.0, chunk_size=16)
+        logprobs, _ = completion_logprobs(model, row_prompts(prompts, result),
+                                          result.completion_ids, result.completion_mask,
+                                          tokens=restricted, temperature=5.0, chunk_size=16)
     assert torch.isfinite(logprobs[result.completion_mask.bool()]).all()
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
@@ -536,9 +537,9 @@ def test_looking_for_finished_rows_every_few_steps(tiny, prompts, check_every):
     assert len(set(lengths)) > 3  # rows ended at several different steps
     assert result.logprobs[result.completion_mask == 0].eq(0).all()
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(prompts, result),
-                                               result.completion_ids, result.completion_mask,
-                                               tokens=eos_tokens, temperature=1.0, chunk_size=5)
+        logprobs, _ = completion_logprobs(model, row_prompts(prompts, result),
+                                          result.completion_ids, result.completion_mask,
+                                          tokens=eos_tokens, temperature=1.0, chunk_size=5)
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
@@ -606,9 +607,9 @@ def test_rollout_batches_longest_first_rows_in_prompt_order(tiny, prompts):
         assert torch.equal(result.logprobs[row, :w], logprobs)
     check_row_structure(result, eos_tokens, 10)
     with torch.no_grad():
-        logprobs, _ = grpo.completion_logprobs(model, row_prompts(five, result),
-                                               result.completion_ids, result.completion_mask,
-                                               tokens=eos_tokens, chunk_size=4)
+        logprobs, _ = completion_logprobs(model, row_prompts(five, result),
+                                          result.completion_ids, result.completion_mask,
+                                          tokens=eos_tokens, chunk_size=4)
     assert masked_max_abs(logprobs, result.logprobs, result.completion_mask) <= 1e-5
 
 
@@ -683,8 +684,9 @@ def _learning_run(model, tokens, four_prompts, sign, steps=15):
                          tokens=tokens, limits=Limits(4), generator=gen)
         mask = result.completion_mask
         reward = ((result.completion_ids < 200).float() * mask).sum(-1) / mask.sum(-1)
-        metrics = grpo.train_step(model, None, optimizer, prompts=four_prompts, sampled=result,
-                                  rewards=sign * reward, tokens=tokens, cfg=cfg)
+        learner = grpo.Learner(model, optimizer, None, tokens)
+        metrics = grpo.train_step(learner, grpo.RolloutBatch(four_prompts, result, sign * reward),
+                                  cfg)
         assert metrics["skipped_updates"] == 0
         assert metrics["logprob_mismatch"] <= 1e-5
         history.append(reward.mean().item())
@@ -715,8 +717,8 @@ def _experience(model, prompts, tokens, cfg, seed, advantages=None, reference=No
     if advantages is None:
         rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2])
         advantages = grpo.group_advantages(rewards, cfg.group_size)
-    experience = grpo.score_rollout(model, reference, prompts=prompts[:2], sampled=result,
-                                    advantages=advantages, tokens=eos_tokens, cfg=cfg)
+    experience = grpo.score_rollout(grpo.Learner(model, None, reference, eos_tokens), prompts[:2],
+                                    result, advantages, cfg)
     assert grpo.scoring_stats(experience)["logprob_mismatch"] <= 1e-5
     return experience, eos_tokens
 
@@ -735,7 +737,7 @@ def test_update_skipped_when_grad_norm_not_finite(tiny, prompts):
     experience, eos_tokens = _experience(model, prompts, tokens, cfg, seed=6, advantages=bad)
     before = parameters(model)
     optimizer = grpo.make_optimizer(model, cfg)
-    metrics = grpo.grpo_update(model, optimizer, experience, tokens=eos_tokens, cfg=cfg)
+    metrics = grpo.grpo_update(grpo.Learner(model, optimizer, None, eos_tokens), experience, cfg)
     assert metrics["skipped_updates"] == 2
     assert math.isnan(metrics["grad_norm"])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -743,7 +745,7 @@ def test_update_skipped_when_grad_norm_not_finite(tiny, prompts):
     half_bad = good.clone()
     half_bad[5] = math.nan  # second mini-batch only
     experience.advantages = half_bad
-    metrics = grpo.grpo_update(model, optimizer, experience, tokens=eos_tokens, cfg=cfg)
+    metrics = grpo.grpo_update(grpo.Learner(model, optimizer, None, eos_tokens), experience, cfg)
     assert metrics["skipped_updates"] == 1
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
@@ -757,8 +759,8 @@ def test_finite_update_changes_parameters(tiny, prompts):
     model = trainable_copy(base)
     experience, eos_tokens = _experience(model, prompts, tokens, cfg, seed=7)
     before = parameters(model)
-    metrics = grpo.grpo_update(model, grpo.make_optimizer(model, cfg), experience,
-                               tokens=eos_tokens, cfg=cfg)
+    learner = grpo.Learner(model, grpo.make_optimizer(model, cfg), None, eos_tokens)
+    metrics = grpo.grpo_update(learner, experience, cfg)
     assert (metrics["skipped_updates"] == 0 and math.isfinite(metrics["grad_norm"])
             and metrics["grad_norm"] > 0)
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
@@ -786,8 +788,8 @@ def test_micro_batches_forward_only_their_own_length(tiny, prompts, monkeypatch)
     assert longest != [max(lengths)] * 3, lengths  # trimming matters in this batch
     assert widths == longest  # scoring (no reference: one forward per micro-batch)
     widths.clear()
-    grpo.grpo_update(model, grpo.make_optimizer(model, cfg), experience, tokens=eos_tokens,
-                     cfg=cfg)
+    grpo.grpo_update(grpo.Learner(model, grpo.make_optimizer(model, cfg), None, eos_tokens),
+                     experience, cfg)
     assert widths == longest
 
 
@@ -816,11 +818,11 @@ def test_first_mini_batch_takes_old_logprobs_from_its_own_forward(tiny, prompts,
         before = parameters(model)
         monkeypatch.setattr(grpo, "completion_logprobs", counting)
         calls.clear()
-        scored = grpo.score_rollout(model, None, prompts=prompts[:2], sampled=experience.sampled,
-                                    advantages=experience.advantages, tokens=eos_tokens, cfg=cfg,
-                                    fresh_rows=fresh)
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the gradient itself
-        metrics = grpo.grpo_update(model, sgd, scored, tokens=eos_tokens, cfg=cfg)
+        learner = grpo.Learner(model, sgd, None, eos_tokens)
+        scored = grpo.score_rollout(learner, prompts[:2], experience.sampled,
+                                    experience.advantages, cfg, fresh_rows=fresh)
+        metrics = grpo.grpo_update(learner, scored, cfg)
         monkeypatch.setattr(grpo, "completion_logprobs", real)
         scoring_rows = sum(n for grad, n in calls if not grad)
         delta = [p.detach() - b for p, b in zip(model.parameters(), before)]
@@ -862,7 +864,7 @@ def test_shared_prefix_forward_equals_one_row_per_completion(tiny, prompts, grou
         model.zero_grad()
         parts = []
         for piece in (slice(0, cut), slice(cut, n)):  # two micro-batches
-            logprobs, entropy = grpo.completion_logprobs(
+            logprobs, entropy = completion_logprobs(
                 model, rows[piece], result.completion_ids[piece], mask[piece], tokens=eos_tokens,
                 chunk_size=3, with_entropy=True, shared_prefix=shared)
             (logprobs * mask[piece]).sum().backward()
@@ -887,7 +889,7 @@ def test_collate_groups_encodes_each_prompt_once(tiny, prompts):
     model, _, tokens = tiny
     rows = [p for p in prompts for _ in range(4)]
     ids = torch.full((12, 5), 20)
-    inputs, gather = sampler.collate_groups(model, rows, tokens, ids, torch.ones(12, 5))
+    inputs, gather = collate_groups(model, rows, tokens, ids, torch.ones(12, 5))
     longest = max(len(p.input_ids) for p in prompts)
     assert inputs["input_ids"].shape == (3, longest + 20)
     assert inputs["attention_mask"].shape == (3, 1, longest + 20, longest + 20)
@@ -929,8 +931,8 @@ def test_gradient_accumulation_equals_whole_mini_batch(tiny, prompts, loss_agg):
         model = trainable_copy(base)
         run_cfg = dataclasses.replace(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip)
         before = parameters(model)
-        metrics = grpo.grpo_update(model, make_optimizer(model, run_cfg), experience,
-                                   tokens=eos_tokens, cfg=run_cfg)
+        learner = grpo.Learner(model, make_optimizer(model, run_cfg), None, eos_tokens)
+        metrics = grpo.grpo_update(learner, experience, run_cfg)
         assert metrics["skipped_updates"] == 0 and metrics["kl"] > 0
         return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics
 

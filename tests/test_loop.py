@@ -178,12 +178,12 @@ def test_bad_paths_fail_before_any_model_is_built(tmp_path, monkeypatch, image_d
     raised before the embedded world is built (minutes) or a model is loaded, and before the run
     directory is made."""
     import run as run_module
-    import toybase
+    from toyworld import base
 
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the paths were checked")
 
-    monkeypatch.setattr(toybase, "build_embedded", forbidden)
+    monkeypatch.setattr(base, "build_embedded", forbidden)
     monkeypatch.setattr(run_module, "load_vlm", forbidden)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")

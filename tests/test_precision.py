@@ -16,10 +16,11 @@ from safetensors import safe_open
 
 import grpo
 from config import ConfigError, ReasonerConfig, load_config
-from roles import encode_prompt
+from models.inputs import encode_prompt, special_tokens
+from models.load import load_vlm
+from models.logprobs import completion_logprobs
 from run import Run
-from sampler import Sampling, sample, special_tokens
-from vlm import load_vlm
+from sampler import Sampling, sample
 
 
 def _prompts(processor):
@@ -36,8 +37,8 @@ def _one_step(model, prompts, sampled, rewards, tokens, autocast):
                          lr=1e-6, kl_coef=0.0, temperature=1.0)
     before = [p.detach().float().clone() for p in model.parameters()]
     optimizer = grpo.make_optimizer(model, cfg)
-    metrics = grpo.train_step(model, None, optimizer, prompts=prompts, sampled=sampled,
-                              rewards=rewards, tokens=tokens, cfg=cfg, autocast=autocast)
+    learner = grpo.Learner(model, optimizer, None, tokens, autocast=autocast)
+    metrics = grpo.train_step(learner, grpo.RolloutBatch(prompts, sampled, rewards), cfg)
     assert metrics["skipped_updates"] == 0
     return torch.cat([(p.detach().float() - b).flatten()
                       for p, b in zip(model.parameters(), before)])
@@ -132,7 +133,7 @@ def test_activation_checkpointing_in_one_process_same_gradients(tmp_path, tiny_m
         sampled = sample(policy, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6),
                          tokens=tokens, generator=torch.Generator().manual_seed(1))
         policy.train()
-        logprobs, _ = grpo.completion_logprobs(
+        logprobs, _ = completion_logprobs(
             policy, [prompts[i] for i in sampled.prompt_index.tolist()], sampled.completion_ids,
             sampled.completion_mask, tokens=tokens)
         (logprobs * sampled.completion_mask).sum().backward()

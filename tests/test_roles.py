@@ -1,4 +1,4 @@
-"""Tests of roles.py: the questioner output parser, option parsing, and the two roles' prompts.
+"""Tests of roles.py: the questioner output parser and the two roles' prompts.
 
 Token counts for the prompts are worked out by hand: a 84x56 (w x h) image stays 84x56 under the
 tiny processor's [784, 12544] pixel range, so its patch grid is (t, h, w) = (1, 56/14, 84/14) =
@@ -12,14 +12,13 @@ from roles import (
     QUESTIONER_INSTRUCTION,
     REASONER_INSTRUCTION,
     GeneratedQuestion,
-    parse_choices,
     parse_question,
     questioner_prompt,
     reasoner_prompt,
 )
-from sampler import Prompt
-from toyworld import render_shapes
-from vlm import load_vlm
+from models.inputs import Prompt
+from models.load import load_vlm
+from toyworld.world import render_shapes
 
 # ----------------------------------------------------------------------------
 # parse_question
@@ -96,46 +95,6 @@ def test_parse_question_uses_first_occurrence_of_each_tag():
 ])
 def test_parse_question_invalid(text):
     assert parse_question(text) is None
-
-
-# ----------------------------------------------------------------------------
-# parse_choices
-
-
-@pytest.mark.parametrize("question, expected", [
-    ("Which colour? A. red B. blue C. green", ["red", "blue", "green"]),
-    ("Which colour? (A) red (B) blue", ["red", "blue"]),
-    ("Which colour? A) red B) blue C) green D) yellow", ["red", "blue", "green", "yellow"]),
-    ("Which shape is largest? A. the red circle B. the big blue square C. a small triangle",
-     ["the red circle", "the big blue square", "a small triangle"]),
-    ("A: yes B: no", ["yes", "no"]),
-    ("Pick one:\nA. two circles,\nB. three squares;\n", ["two circles", "three squares"]),
-    # a capital A as an ordinary word is not a mark (no '.', ')' or ':' after it)
-    ("A red circle is where? A. left B. right", ["left", "right"]),
-])
-def test_parse_choices(question, expected):
-    assert parse_choices(question) == expected
-
-
-@pytest.mark.parametrize("question", [
-    "How many red circles are there?",
-    "Which colour? A. red",                  # only one option
-    "Which colour? B. red C. blue D. green",  # starts at B
-    "Which colour? A.red B.blue",            # no space after the marks
-    "Which colour? xA. red yB. blue",        # marks glued to words
-])
-def test_parse_choices_none(question):
-    assert parse_choices(question) is None
-
-
-def test_parse_choices_run_stops_at_skipped_letter():
-    choices = parse_choices("Which colour? A. red B. blue D. green")
-    assert choices is not None and len(choices) == 2
-    assert choices[0] == "red"
-
-
-def test_parse_choices_last_option_text_ends_at_next_mark():
-    assert parse_choices("Which colour? A. red B. blue D. green") == ["red", "blue"]
 
 
 # ----------------------------------------------------------------------------

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import toyworld
 import visplay
 from config import load_config
 from data import read_jsonl, write_jsonl
 from test_loop import tiny_overrides
-from toyworld import (COLORS, FAMILIES, Scene, Thing, WorldConfig, make_question, random_scene,
-                      render_shapes, true_answer)
+from models.load import load_vlm
+from models.tiny import train_tokenizer
+from toyworld import base as toy_base
+from toyworld import world as toy_world
+from toyworld.world import (COLORS, FAMILIES, Scene, Thing, WorldConfig, make_question,
+                            random_scene, render_shapes, true_answer, twin)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +45,7 @@ HAND = scene_of(("circle", "red", 0, 0), ("square", "blue", 0, 2), ("square", "r
     ("How many yellow triangles are there?", "0"),
     ("Is there a blue square?", "yes"),
     ("Is there a blue circle?", "no"),
-    # families the world no longer asks (README): not its questions
+    # families the world does not ask (docs/toyworld.md): not its questions
     ("What color is the shape in row 2, column 2? A. red B. green C. blue D. yellow", None),
     ("Is the blue square left of the green triangle?", None),
     ("Are there more red objects than blue objects?", "yes"),
@@ -78,9 +81,9 @@ def test_scenes_put_one_object_per_cell_and_render_it():
             assert tuple(pixels[t.row * 28 + 14, t.col * 28 + 14]) == COLORS[t.color]
         empty = {(r, c) for r in range(4) for c in range(4)} - set(cells)
         for r, c in empty:
-            assert tuple(pixels[r * 28 + 14, c * 28 + 14]) == toyworld.cell_background(r, c)
+            assert tuple(pixels[r * 28 + 14, c * 28 + 14]) == toy_world.cell_background(r, c)
         for t in scene.things:  # a cell's corner shows its background (squares span 0.9)
-            assert tuple(pixels[t.row * 28, t.col * 28]) == toyworld.cell_background(t.row, t.col)
+            assert tuple(pixels[t.row * 28, t.col * 28]) == toy_world.cell_background(t.row, t.col)
 
 
 def test_cell_backgrounds_by_hand():
@@ -88,11 +91,11 @@ def test_cell_backgrounds_by_hand():
     (rows/cols - 1) / 2 = 1.5: cell a1 (123 - 48, 117, 104 - 48) = (75, 117, 56); d4 (171, 117,
     152); b3 (123 - 16, 117, 104 + 16) = (107, 117, 120). All 16 differ from each other and from
     the object colours."""
-    assert toyworld.cell_background(0, 0) == (75, 117, 56)
-    assert toyworld.cell_background(3, 3) == (171, 117, 152)
-    assert toyworld.cell_background(1, 2) == (107, 117, 120)
-    assert toyworld.cell_name(1, 2) == "b3"
-    backgrounds = {toyworld.cell_background(r, c) for r in range(4) for c in range(4)}
+    assert toy_world.cell_background(0, 0) == (75, 117, 56)
+    assert toy_world.cell_background(3, 3) == (171, 117, 152)
+    assert toy_world.cell_background(1, 2) == (107, 117, 120)
+    assert toy_world.cell_name(1, 2) == "b3"
+    backgrounds = {toy_world.cell_background(r, c) for r in range(4) for c in range(4)}
     assert len(backgrounds) == 16 and not backgrounds & set(COLORS.values())
 
 
@@ -143,10 +146,8 @@ def test_scenes_never_repeat_a_colour_and_shape():
 def test_thing_and_cell_names_are_one_token_each_with_their_space():
     """The base's tokenizer: ' red circle' and ' b3' are one token each, so a list continues with
     one token per thing and stops with one; decoding gives the text back."""
-    from vlm import train_tokenizer
-
-    tokenizer = train_tokenizer(toyworld.corpus(0, count=400), 400,
-                                toyworld.world_tokens(WorldConfig()))
+    tokenizer = train_tokenizer(toy_base.corpus(0, count=400), 400,
+                                toy_world.world_tokens(WorldConfig()))
     text = "Found: red circle blue square yellow triangle. \\boxed{3} Cell b3: red circle."
     ids = tokenizer(text, add_special_tokens=False).input_ids
     pieces = tokenizer.convert_ids_to_tokens(ids)
@@ -158,25 +159,25 @@ def test_thing_and_cell_names_are_one_token_each_with_their_space():
 
 def test_benchmark_is_balanced_and_splits_are_disjoint(tmp_path):
     world = WorldConfig(pool_images=64, benchmark_items=160)
-    path = toyworld.write_benchmark(str(tmp_path / "bench"), world, seed=0)
+    path = toy_world.write_benchmark(str(tmp_path / "bench"), world, seed=0)
     rows = read_jsonl(path)
     counts = {f: sum(r["category"] == f for r in rows) for f in FAMILIES}
     assert len(rows) == 160 and max(counts.values()) - min(counts.values()) <= 4, counts
-    toyworld.write_pool(str(tmp_path / "pool"), world, seed=0)
+    toy_world.write_pool(str(tmp_path / "pool"), world, seed=0)
     pool_files = sorted(os.listdir(tmp_path / "pool"))
     # images only
     assert len(pool_files) == 64 and all(name.endswith(".png") for name in pool_files)
     # the splits come from separate seed streams: no scene appears in two of them
     key = lambda scene: tuple((t.shape, t.color, t.row, t.col) for t in scene.things)  # noqa: E731
-    pool = {key(s) for s in toyworld.scenes(1, 64, rows=4, cols=4, things=world.shifted_things)}
-    bench = {key(s) for s in toyworld.scenes(2, 160, rows=4, cols=4, things=world.shifted_things)}
+    pool = {key(s) for s in toy_world.scenes(1, 64, rows=4, cols=4, things=world.shifted_things)}
+    bench = {key(s) for s in toy_world.scenes(2, 160, rows=4, cols=4, things=world.shifted_things)}
     rng = random.Random(0)
-    pretraining = {key(toyworld.pretraining_scene(rng, world)) for _ in range(2000)}
+    pretraining = {key(toy_world.pretraining_scene(rng, world)) for _ in range(2000)}
     assert (len(pool) == 64 and not pool & bench and not pool & pretraining
             and not bench & pretraining)
     # and the pool's files are those scenes (so the check above is about the files the loop reads)
     first = np.asarray(
-        toyworld.scenes(1, 1, rows=4, cols=4, things=world.shifted_things)[0].render())
+        toy_world.scenes(1, 1, rows=4, cols=4, things=world.shifted_things)[0].render())
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(tmp_path / "pool" / pool_files[0]).convert("RGB")),
                           first)
@@ -259,41 +260,37 @@ def test_render_shapes_unknown_shape_or_colour():
 
 
 def test_shipped_base_is_copied_only_when_every_checksum_matches(tmp_path):
-    import toybase
-
     source = tmp_path / "shipped"
     source.mkdir()
     (source / "config.json").write_text('{"a": 1}')
     (source / "model.safetensors").write_bytes(bytes(range(256)) * 8)
-    toybase.write_checksums(str(source))
+    toy_base.write_checksums(str(source))
     import hashlib  # the digest of the 8 bytes '{"a": 1}', by hashlib directly
 
     digest = hashlib.sha256(b'{"a": 1}').hexdigest()
     assert (source / "SHA256SUMS").read_text().splitlines()[0] == f"{digest}  config.json"
-    toybase.copy_verified(str(source), str(tmp_path / "copy"))
+    toy_base.copy_verified(str(source), str(tmp_path / "copy"))
     assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "model.safetensors"]
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == bytes(range(256)) * 8
 
     (source / "model.safetensors").write_bytes(bytes(range(256)) * 7)  # changed
     with pytest.raises(ValueError, match="model.safetensors does not match its checksum"):
-        toybase.copy_verified(str(source), str(tmp_path / "copy2"))
+        toy_base.copy_verified(str(source), str(tmp_path / "copy2"))
     assert not (tmp_path / "copy2").exists()  # nothing half-copied
     (source / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors is missing"):
-        toybase.copy_verified(str(source), str(tmp_path / "copy3"))
+        toy_base.copy_verified(str(source), str(tmp_path / "copy3"))
     (source / "SHA256SUMS").unlink()
     with pytest.raises(ValueError, match="SHA256SUMS is missing"):
-        toybase.copy_verified(str(source), str(tmp_path / "copy4"))
+        toy_base.copy_verified(str(source), str(tmp_path / "copy4"))
 
 
 def test_the_shipped_base_verifies_and_loads(tmp_path):
-    """embedded_base/ (seed 0's base, built by `python toybase.py --rebuild`) matches its
-    checksums, loads with its own tokenizer, and that tokenizer keeps thing and cell names whole."""
-    import toybase
-    from vlm import load_vlm
-
+    """toyworld/embedded_base/ (seed 0's base, built by `python -m toyworld.base --rebuild`)
+    matches its checksums, loads with its own tokenizer, and that tokenizer keeps thing and cell
+    names whole."""
     dest = str(tmp_path / "base")
-    toybase.copy_verified(toybase.SHIPPED_BASE, dest)
+    toy_base.copy_verified(toy_base.SHIPPED_BASE, dest)
     model, processor = load_vlm(dest)
     assert model.config.text_config.vocab_size >= len(processor.tokenizer)
     pieces = processor.tokenizer.tokenize("Found: red circle b3.")
@@ -302,10 +299,10 @@ def test_the_shipped_base_verifies_and_loads(tmp_path):
 
 def test_cut_list_by_hand():
     """A lazy annotator's label: the chain keeps its first `keep` things and the count matches."""
-    q = toyworld.Question("count_total", "numerical", "How many objects are there?", "5", None,
-                          "all: red circle blue square red square green triangle red circle. "
-                          "\\boxed{5}")
-    cut = toyworld.cut_list(q, 3)
+    q = toy_world.Question("count_total", "numerical", "How many objects are there?", "5", None,
+                           "all: red circle blue square red square green triangle red circle. "
+                           "\\boxed{5}")
+    cut = toy_world.cut_list(q, 3)
     assert cut.solution == "all: red circle blue square red square. \\boxed{3}"
     assert (cut.answer, cut.question, cut.family) == ("3", q.question, "count_total")
 
@@ -314,18 +311,15 @@ def test_lazy_share_cuts_only_crowded_count_lists():
     """With lazy_share 1 every reasoner count chain of more than lazy_after things stops there
     (and its count says so); with 0 the same draws keep their long lists. Other families and the
     questioner's targets are never cut."""
-    import toybase
-    from vlm import load_vlm
-
-    _, processor = load_vlm(toybase.SHIPPED_BASE)
+    _, processor = load_vlm(toy_base.SHIPPED_BASE)
     world = WorldConfig()
     pattern = r"^(\w+): (.*)\. \\boxed\{(\d+)\}"
 
     def count_chains(share):
         rng, chains = random.Random(3), []
         for _ in range(600):
-            _, target = toybase.pretraining_example(
-                rng, processor, world, toybase.BaseConfig(lazy_share=share, lazy_after=3))
+            _, target = toy_base.pretraining_example(
+                rng, processor, world, toy_base.BaseConfig(lazy_share=share, lazy_after=3))
             text = processor.tokenizer.decode(target, skip_special_tokens=True)
             match = re.match(pattern, text)
             if match and match.group(2) != "none":
@@ -336,3 +330,17 @@ def test_lazy_share_cuts_only_crowded_count_lists():
     assert all(listed == count for listed, count in lazy + full)  # the count matches the list
     assert max(count for _, count in lazy) == 3
     assert max(count for _, count in full) > 3
+
+
+def test_twin_changes_two_things_in_shape_and_colour_in_place():
+    for seed in range(200):
+        rng = random.Random(seed)
+        scene = random_scene(rng, rows=4, cols=4, min_things=2, max_things=8)
+        edited = twin(scene, rng)
+        pairs = list(zip(scene.things, edited.things))
+        changed = [(a, b) for a, b in pairs if a != b]
+        assert len(changed) == 2, seed
+        assert all((a.row, a.col) == (b.row, b.col) for a, b in pairs)
+        assert len({t.name for t in edited.things}) == len(edited.things)  # no two alike
+        if len(scene.things) <= 4:  # room for both: shape AND colour change
+            assert all(a.shape != b.shape and a.color != b.color for a, b in changed)

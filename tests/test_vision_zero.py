@@ -9,14 +9,18 @@ import pytest
 import torch
 
 import checkpoint
-import spy
-import toyworld
-import vision_zero
 from config import load_config
-from grpo import make_optimizer, train_step
-from sampler import Limits, Rollout, special_tokens
+from data import read_pairs
+from grpo import Learner, make_optimizer, train_step
+from models.inputs import special_tokens
+from models.load import load_vlm
+from sampler import Limits, Rollout
 from test_distributed import run_cli, sigkill_when_written
-from vlm import load_vlm
+from toyworld import base as toy_base
+from toyworld import world as toy_world
+from vision_zero import rules as spy
+from vision_zero import train as game
+from vision_zero import warmup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     rng = random.Random(0)
-    scenes = [toyworld.random_scene(rng, rows=4, cols=4, min_things=3, max_things=6)
+    scenes = [toy_world.random_scene(rng, rows=4, cols=4, min_things=3, max_things=6)
               for _ in range(6)]
-    return spy.write_toy_pairs(str(tmp_path_factory.mktemp("pairs")), scenes, seed=1)
+    return toy_world.write_toy_pairs(str(tmp_path_factory.mktemp("pairs")), scenes, seed=1)
 
 
 def _fake_run(overrides):
@@ -62,16 +66,16 @@ def test_who_sees_what_in_a_played_game(pairs_file, monkeypatch):
                     for i in range(len(texts[call]))]
         return [f"\\boxed{{{1 + j % 4}}}" for j in range(ids.shape[0])]
 
-    monkeypatch.setattr(vision_zero, "encode_prompt", encode)
-    monkeypatch.setattr(vision_zero, "rollout", fake_rollout)
-    monkeypatch.setattr(vision_zero, "decode", fake_decode)
+    monkeypatch.setattr(game, "encode_prompt", encode)
+    monkeypatch.setattr(game, "rollout", fake_rollout)
+    monkeypatch.setattr(game, "decode", fake_decode)
     from data import load_image
 
-    pairs = spy.read_pairs(pairs_file)
+    pairs = read_pairs(pairs_file)
     images = [tuple(load_image(p, 784, 12544) for p in pairs[i]) for i in (0, 1)]
     games = [spy.Game(0, 2, 4), spy.Game(1, 4, 4)]
-    played = vision_zero.play(run, torch.nn.Linear(1, 1), None, SimpleNamespace(pad_id=0),
-                              games, images, step=0)
+    played = game.play(run, torch.nn.Linear(1, 1), None, SimpleNamespace(pad_id=0),
+                       games, images, step=0)
 
     clue_prompts = prompts[:16]  # 2 rounds x 4 seats x 2 games, turn by turn
     for n, prompt in enumerate(clue_prompts):
@@ -115,22 +119,20 @@ def test_only_the_active_stage_gets_gradients(format_model_dir, pairs_file):
     tokens = special_tokens(processor, model)
     from data import load_image
 
-    pairs = spy.read_pairs(pairs_file)
+    pairs = read_pairs(pairs_file)
     images = [tuple(load_image(p, 784, 12544) for p in pairs[i]) for i in (0, 1)]
-    played = vision_zero.play(run, model, processor, tokens, [spy.Game(0, 1, 3),
-                                                              spy.Game(1, 3, 3)], images, step=0)
-    clue, vote, stats = vision_zero.score(played, spy.RoleBaselines(0.95), settings)
+    played = game.play(run, model, processor, tokens, [spy.Game(0, 1, 3),
+                                                       spy.Game(1, 3, 3)], images, step=0)
+    clue, vote, stats = game.score(played, spy.RoleBaselines(0.95), settings)
     assert len(clue[1]) == 2 * 3 and len(vote[1]) == 2 * 2 * 2
     assert 0 <= stats["vote_acc"] <= 1 and stats["games"] == 2
 
     def update(phase, clue, vote, phase_mask=True):
         policy, _ = load_vlm(format_model_dir)
-        batch = vision_zero.training_batch(played, phase, clue, vote, phase_mask=phase_mask,
-                                           pad_id=tokens.pad_id)
-        prompts, sampled, rewards, advantages = batch
-        train_step(policy, None, make_optimizer(policy, settings), prompts=prompts,
-                   sampled=sampled, rewards=rewards, tokens=tokens, cfg=settings,
-                   advantages=advantages)
+        batch = game.training_batch(played, phase, clue, vote, phase_mask=phase_mask,
+                                    pad_id=tokens.pad_id)
+        train_step(Learner(policy, make_optimizer(policy, settings), None, tokens), batch,
+                   settings)
         return _params(policy)
 
     def other(pair):  # the same rows with other advantages (all nonzero)
@@ -199,12 +201,12 @@ def test_sigkill_mid_game_then_resume_equals_uninterrupted_run(format_model_dir,
 
 
 def test_an_unreadable_pair_is_skipped_and_counted(pairs_file, tmp_path):
-    pairs = spy.read_pairs(pairs_file)
+    pairs = read_pairs(pairs_file)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     pairs[1] = (pairs[1][0], str(broken))
     games = [spy.Game(0, 1, 3), spy.Game(1, 2, 3), spy.Game(2, 3, 3)]
-    kept, images, skipped = vision_zero.readable_games(games, pairs, 784, 12544)
+    kept, images, skipped = game.readable_games(games, pairs, 784, 12544)
     assert kept == [games[0], games[2]] and skipped == 1 and len(images) == 2
 
 
@@ -230,19 +232,17 @@ def test_the_shipped_game_base_is_the_default_games_and_verifies(tmp_path):
     """configs/vision-zero.yaml's game (seed 0) on the shipped toy base is the one
     embedded_game_base/ was warmed up for, so the embedded run copies it (checksums verified)
     instead of a 23-minute warm-up; another toy base's weights would not match."""
-    import toybase
-
     cfg = load_config(os.path.join(ROOT, "configs", "vision-zero.yaml"))
-    with open(os.path.join(vision_zero.SHIPPED_GAME_BASE, "warmup.json")) as f:
+    with open(os.path.join(warmup.SHIPPED_GAME_BASE, "warmup.json")) as f:
         recorded = json.load(f)
-    assert recorded == vision_zero.warmup_settings(cfg, toybase.SHIPPED_BASE)
-    listed = toybase.read_checksums(toybase.SHIPPED_BASE)
+    assert recorded == warmup.warmup_settings(cfg, toy_base.SHIPPED_BASE)
+    listed = toy_base.read_checksums(toy_base.SHIPPED_BASE)
     assert recorded["source_weights"] == listed["model.safetensors"]
     other = tmp_path / "other_base"
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"other weights")
-    assert vision_zero.warmup_settings(cfg, str(other)) != recorded
-    toybase.copy_verified(vision_zero.SHIPPED_GAME_BASE, str(tmp_path / "copy"))
+    assert warmup.warmup_settings(cfg, str(other)) != recorded
+    toy_base.copy_verified(warmup.SHIPPED_GAME_BASE, str(tmp_path / "copy"))
     assert os.path.isfile(tmp_path / "copy" / "model.safetensors")
 
 
@@ -261,7 +261,7 @@ def _score_worker(folder):
 
     cfg = load_config(os.path.join(ROOT, "configs", "vision-zero.yaml"), ["spy.group_size=2"])
     baselines = spy.RoleBaselines(0.95)
-    clue, vote, stats = vision_zero.score(_two_games()[distributed.rank()], baselines, cfg.spy)
+    clue, vote, stats = game.score(_two_games()[distributed.rank()], baselines, cfg.spy)
     torch.save({"clue": clue, "vote": vote, "stats": stats, "baselines": baselines.state_dict()},
                os.path.join(folder, f"score{distributed.rank()}.pt"))
 
@@ -279,7 +279,7 @@ def test_scoring_over_two_processes_equals_one(tmp_path):
                            vote_owner=a.vote_owner + [(1, v) for _, v in b.vote_owner],
                            votes=a.votes + b.votes)
     baselines = spy.RoleBaselines(0.95)
-    clue, vote, stats = vision_zero.score(both, baselines, cfg.spy)
+    clue, vote, stats = game.score(both, baselines, cfg.spy)
     ranks = [torch.load(tmp_path / f"score{r}.pt", weights_only=False) for r in (0, 1)]
     for r in ranks:
         assert r["baselines"] == pytest.approx(baselines.state_dict())

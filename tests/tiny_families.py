@@ -1,8 +1,9 @@
-"""Tiny random models of every family in `families.py`, with their own tokenizer and image-only
-processor, built offline in well under a second (hidden size 64, 2 layers, a 300-token BPE).
+"""Tiny random models of every family in `models/families.py`, with their own tokenizer and
+image-only processor, built offline in well under a second (hidden size 64, 2 layers, a 300-token
+BPE).
 
 `build(model_type, path=None)` returns (model, processor); with `path` both are saved there
-(`vlm.save_vlm`), so `vlm.load_vlm` loads them as it loads a real checkpoint. Image geometry is
+(`load.save_vlm`), so `load.load_vlm` loads them as it loads a real checkpoint. Image geometry is
 shrunk with the models: Qwen3-VL and Qwen3.5 keep patch 16 x merge 2 (sides multiples of 32);
 InternVL's tiles are 56 px (4 tokens each, up to 4 tiles + thumbnail); Gemma 3's one 32 px tile
 gives 4 tokens, and its sliding window (4 tokens) is shorter than every prompt.
@@ -15,8 +16,8 @@ from transformers import (Gemma3Config, Gemma3ImageProcessorPil, Gemma4Config,
                           InternVLConfig, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil,
                           Qwen3_5Config, Qwen3VLConfig)
 
-from families import FAMILIES
-from vlm import save_vlm
+from models.families import FAMILIES
+from models.load import save_vlm
 
 CORPUS = ["Look at the image and ask one question about it.", "The answer is 42.",
           "How many red circles are there?", "Is there a blue square?", "\\boxed{3}",
@@ -36,7 +37,7 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def tokenizer(special, corpus, vocab_size=300, **kwargs):
-    """A byte-level BPE trained on `corpus`, `special` tokens first (as `vlm.train_tokenizer`)."""
+    """A byte-level BPE trained on `corpus`, `special` tokens first (as `tiny.train_tokenizer`)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     bpe.decoder = decoders.ByteLevel()

@@ -1,12 +1,13 @@
 """The embedded default's base model and files: a tiny Qwen2.5-VL that perceives the toy world.
 
-- `build_base`: a byte-level BPE tokenizer trained on the world's language (thing and cell names
-  one token each), a randomly initialised Qwen2.5-VL (`vlm.build_tiny_vlm`), then `pretrain`:
-  supervised next-token training on fresh base-domain scenes (few objects) in both roles' formats
-  (`<type>/<question>/<answer>` questions; answers as a chain, then `\\boxed{}`), vision tower
-  included, so it behaves like a small instruction-tuned VLM that sees.
+- `build_base`: a byte-level BPE tokenizer trained on the world's language (`corpus`; thing and
+  cell names one token each), a randomly initialised Qwen2.5-VL (`tiny.build_tiny_vlm`), then
+  `pretrain`: supervised next-token training on fresh base-domain scenes (few objects) in both
+  roles' formats (`<type>/<question>/<answer>` questions; answers as a chain, then `\\boxed{}`),
+  vision tower included, so it behaves like a small instruction-tuned VLM that sees.
 - `build_embedded`: a run's world (`RUN/embedded`): the unlabeled pool, the labeled benchmark and
-  the base, each built once and reused by a rerun.
+  the base, each built once and reused by a rerun. Seed 0's base ships in `embedded_base/`
+  (`python -m toyworld.base --rebuild` builds it again) and is copied after a checksum check.
 """
 
 import hashlib
@@ -20,13 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from data import atomic_path
-from grpo import completion_logprobs
-from roles import questioner_prompt, reasoner_prompt
-from sampler import special_tokens
-from toyworld import (FAMILIES, WorldConfig, corpus, cut_list, make_question, pool_questions,
-                      pretraining_scene, questioner_target, world_tokens, write_benchmark,
-                      write_pool, write_questions)
-from vlm import build_tiny_vlm, save_vlm
+from models.inputs import special_tokens
+from models.load import save_vlm
+from models.logprobs import completion_logprobs
+from models.tiny import build_tiny_vlm
+from roles import QUESTIONER_INSTRUCTION, questioner_prompt, reasoner_prompt, reasoner_text
+from toyworld.world import (FAMILIES, WorldConfig, balanced_questions, cut_list, make_question,
+                            pool_questions, pretraining_scene, questioner_target, scenes,
+                            world_tokens, write_benchmark, write_pool, write_questions)
 
 log = logging.getLogger("visplay")
 
@@ -81,7 +83,7 @@ def pretrain(model, processor, *, world, base, seed, example=pretraining_example
 
     example(rng, processor, world, base) -> (Prompt, target ids): one training pair
     (`pretraining_example`; the spy game's warm-up brings its own). Uses
-    `grpo.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
+    `logprobs.completion_logprobs`, the same forward the GRPO update uses. Returns the loss curve.
     """
     tokens = special_tokens(processor, model)
     if base.freeze_vision:
@@ -115,6 +117,17 @@ def pretrain(model, processor, *, world, base, seed, example=pretraining_example
     model.eval()
     model.requires_grad_(True)
     return losses
+
+
+def corpus(seed, count=4000):
+    """Texts the tiny tokenizer is trained on: both roles' prompts and targets of the world."""
+    world = WorldConfig()
+    texts = [QUESTIONER_INSTRUCTION] * (count // 8)  # frequent enough to become a few tokens
+    scene_list = scenes(seed + 7, count, rows=world.rows, cols=world.cols,
+                        things=(1, world.max_things))
+    for scene, q in balanced_questions(scene_list, seed + 8):
+        texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
+    return texts
 
 
 def build_base(path, seed, world=None, base=None):
@@ -175,7 +188,7 @@ def copy_verified(source, dest):
             raise ValueError(f"shipped base file {path} is missing")
         if sha256(path) != digest:
             raise ValueError(f"shipped base file {path} does not match its checksum in {listed} "
-                             "(rebuild it with `python toybase.py --rebuild`)")
+                             "(rebuild it with `python -m toyworld.base --rebuild`)")
     with atomic_path(dest) as tmp:
         os.makedirs(tmp)
         for name in expected:
@@ -215,7 +228,7 @@ def build_embedded(folder, seed):
 
 
 def main(argv=None):
-    """`python toybase.py --rebuild`: build seed 0's base again into embedded_base/ with its
+    """`python -m toyworld.base --rebuild`: build seed 0's base again into embedded_base/ with its
     checksums (what the repository ships; another machine's floats may differ in the last bits,
     which is why the result is shipped rather than rebuilt by every run)."""
     import argparse

@@ -1,9 +1,9 @@
 """The embedded default's measured claim: held-out accuracy of the reasoner after T iterations vs
 the base, over several seeds, with ablations and the oracle. Everything runs through `visplay.py`
-as a user would (the oracle through `benchmarks/toyworld_oracle.py`).
+as a user would (the oracle through `python -m toyworld.oracle`).
 
-    python benchmarks/toyworld_claim.py                      # seeds 0 1 2, every setting
-    python benchmarks/toyworld_claim.py --seeds 0 --settings full oracle
+    python -m toyworld.claim                      # seeds 0 1 2, every setting
+    python -m toyworld.claim --seeds 0 --settings full oracle
 
 Settings (each on the same seeds, so on the same base, pool and benchmark per seed):
     full           config.yaml as it is
@@ -30,9 +30,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toyworld  # noqa: E402
-from answers import answers_equivalent  # noqa: E402
+from answers import answers_equivalent
+from toyworld.world import WorldConfig, pool_scenes, true_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
@@ -41,7 +40,7 @@ SETTINGS = {
     "no_diversity": ["questioner.diversity_weight=0"],
     "no_filter": ["labeling.p_low=0", "labeling.p_high=1", "labeling.p_low_yes_no=null"],
     "paper_filter": ["labeling.p_low=0.3", "labeling.p_high=0.8", "labeling.p_low_yes_no=null"],
-    "oracle": [],  # benchmarks/toyworld_oracle.py: the reasoner stage on TRUE pool labels
+    "oracle": [],  # toyworld/oracle.py: the reasoner stage on TRUE pool labels
 }
 
 
@@ -52,9 +51,9 @@ def run(out, seed, setting, extra):
     os.makedirs(run_dir, exist_ok=True)
     if os.path.isdir(shared) and not os.path.exists(os.path.join(run_dir, "embedded")):
         os.symlink(os.path.abspath(shared), os.path.join(run_dir, "embedded"))
-    script = "toyworld_oracle.py" if setting == "oracle" else os.path.join("..", "visplay.py")
-    args = [sys.executable, os.path.join(ROOT, "benchmarks", script),
-            "--config", os.path.join(ROOT, "config.yaml"),
+    script = ["-m", "toyworld.oracle"] if setting == "oracle" else [
+        os.path.join(ROOT, "visplay.py")]
+    args = [sys.executable, *script, "--config", os.path.join(ROOT, "config.yaml"),
             "--set", f"run_dir={run_dir}", "--set", f"seed={seed}"]
     for override in SETTINGS[setting] + extra:
         args += ["--set", override]
@@ -74,13 +73,13 @@ def run(out, seed, setting, extra):
 def silver_accuracy(out, seed, setting, iteration):
     """Post-hoc analysis (the loop never sees it): the share of kept questions whose silver answer
     equals the true answer of its pool scene, among those whose truth the scene determines."""
-    pool = toyworld.pool_scenes(toyworld.WorldConfig(), seed)
+    pool = pool_scenes(WorldConfig(), seed)
     path = os.path.join(out, f"seed{seed}", setting, f"kept_v{iteration}.jsonl")
     if not os.path.exists(path):
         return float("nan"), 0
     with open(path) as f:
         kept = [json.loads(line) for line in f]
-    judged = [(r, toyworld.true_answer(pool[r["image_index"]], r["question"])) for r in kept]
+    judged = [(r, true_answer(pool[r["image_index"]], r["question"])) for r in kept]
     judged = [(r, truth) for r, truth in judged if truth is not None]
     right = sum(answers_equivalent(r["silver_answer"], truth, r["choices"]) for r, truth in judged)
     return 100 * right / max(len(judged), 1), len(judged)

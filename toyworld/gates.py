@@ -1,8 +1,8 @@
 """The embedded default's gates, measured on a base before the method runs (the world's true labels
 are used here for diagnosis only; the loop never reads them).
 
-    python benchmarks/toyworld_gates.py                    # seed 0: builds the world like a run
-    python benchmarks/toyworld_gates.py --seed 1 --base runs/claim/seed1/embedded/base
+    python -m toyworld.gates                    # seed 0: builds the world like a run
+    python -m toyworld.gates --seed 1 --base runs/claim/seed1/embedded/base
 
 1. Perception: the base's greedy accuracy per question family on scenes like its pretraining ones
    (few objects); wanted >= 90% in every family.
@@ -10,7 +10,7 @@ are used here for diagnosis only; the loop never reads them).
    vs pass@8 (samples at the labeling temperature and top-p), per family and overall; wanted
    majority@8 - greedy >= +4 points overall. Majority-vote labels can only teach what the
    majority knows better than greedy decoding.
-(3. Ceiling: the `oracle` setting of benchmarks/toyworld_claim.py: GRPO on TRUE pool labels.)
+(3. Ceiling: the `oracle` setting of toyworld/claim.py: GRPO on TRUE pool labels.)
 
 Prints two markdown tables and writes OUT/gates.json.
 """
@@ -18,20 +18,20 @@ Prints two markdown tables and writes OUT/gates.json.
 import argparse
 import os
 import random
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toybase  # noqa: E402
-import toyworld  # noqa: E402
-from answers import answer_correct, extract_answer, majority_vote  # noqa: E402
-from benchmark_files import load_benchmark  # noqa: E402
-from config import load_config  # noqa: E402
-from data import load_image, write_json  # noqa: E402
-from eval import format_question, generate  # noqa: E402
-from roles import reasoner_prompt  # noqa: E402
-from sampler import Limits, Sampling, special_tokens  # noqa: E402
-from vlm import load_vlm  # noqa: E402
+from answers import answer_correct, extract_answer, majority_vote
+from benchmark_files import load_benchmark
+from config import load_config
+from data import load_image, write_json
+from eval import format_question, generate
+from models.inputs import special_tokens
+from models.load import load_vlm
+from roles import reasoner_prompt
+from sampler import Limits, Sampling
+from toyworld.base import BaseConfig, build_embedded
+from toyworld.world import (FAMILIES, WorldConfig, balanced_questions, pool_questions,
+                            pretraining_scene, write_questions)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,8 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def base_domain_questions(world, seed, count):
     """`count` questions about fresh scenes drawn like the pretraining scenes."""
     rng = random.Random(seed + 20)
-    return toyworld.balanced_questions(
-        [toyworld.pretraining_scene(rng, world) for _ in range(count)], seed + 21)
+    return balanced_questions(
+        [pretraining_scene(rng, world) for _ in range(count)], seed + 21)
 
 
 def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed, cfg):
@@ -66,7 +66,7 @@ def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed,
 def score(items, greedy, sampled, ks=(8, 16), lazy_after=None):
     """Per family and overall: n, greedy, and with samples majority@k for each k, pass@8 and the
     mean sampled accuracy (pass@1). With `lazy_after`, count_total is also split at it: the
-    lists the pretraining annotator sometimes cut (`toybase.BaseConfig.lazy_share`) and the
+    lists the pretraining annotator sometimes cut (`base.BaseConfig.lazy_share`) and the
     ones it always wrote in full."""
     rows = {}
     for item, text, texts in zip(items, greedy, sampled):
@@ -99,7 +99,7 @@ def table(title, scores):
     metrics = [m for m in scores["overall"] if m != "n"]
     lines = [f"### {title}", "", "| family | n | " + " | ".join(metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
-    families = [f for f in toyworld.FAMILIES if f in scores]
+    families = [f for f in FAMILIES if f in scores]
     for key in families + sorted(set(scores) - set(families) - {"overall"}) + ["overall"]:
         s = scores[key]
         lines.append(f"| {key} | {s['n']} | " + " | ".join(f"{s[m]:.1f}" for m in metrics) + " |")
@@ -109,18 +109,18 @@ def table(title, scores):
 def gates(base, out, seed, *, perception_items=400, samples=16, overrides=()):
     """Both gates of one base; returns {"perception": scores, "premise": scores, ...}.
     `overrides`: config.yaml overrides ("labeling.temperature=1.2") for the sampling."""
-    world = toyworld.WorldConfig()
+    world = WorldConfig()
     cfg = load_config(os.path.join(ROOT, "config.yaml"), list(overrides))
     labeling = cfg.labeling
     model, processor = load_vlm(base)
     model.eval()
     result = {"base": base, "seed": seed, "overrides": list(overrides)}
     started = time.perf_counter()
-    lazy_after = toybase.BaseConfig().lazy_after
+    lazy_after = BaseConfig().lazy_after
     for name, questions, k in (("perception", base_domain_questions(world, seed, perception_items),
                                 0),
-                               ("premise", toyworld.pool_questions(world, seed), samples)):
-        items = load_benchmark(toyworld.write_questions(os.path.join(out, name), questions))
+                               ("premise", pool_questions(world, seed), samples)):
+        items = load_benchmark(write_questions(os.path.join(out, name), questions))
         greedy, sampled = answers(model, processor, items, samples=k,
                                   sampling=Sampling(labeling.temperature, labeling.top_p, 0,
                                                     labeling.max_new_tokens),
@@ -131,9 +131,9 @@ def gates(base, out, seed, *, perception_items=400, samples=16, overrides=()):
     overall = result["premise"]["overall"]
     result["premise_gap"] = overall["maj@8"] - overall["greedy"]
     perception = result["perception"]
-    result["perception_min"] = min(perception[f]["greedy"] for f in toyworld.FAMILIES)
+    result["perception_min"] = min(perception[f]["greedy"] for f in FAMILIES)
     # the same with count_total judged only where the annotator always listed every thing
-    complete = [f for f in toyworld.FAMILIES if f != "count_total"] + [split_key(False, lazy_after)]
+    complete = [f for f in FAMILIES if f != "count_total"] + [split_key(False, lazy_after)]
     result["perception_min_complete"] = min(perception[f]["greedy"] for f in complete
                                             if f in perception)
     return result
@@ -151,7 +151,7 @@ def main():
                         help="a config.yaml override, e.g. labeling.temperature=1.2 (repeatable)")
     args = parser.parse_args()
     out = args.out or os.path.join(ROOT, "runs", "gates", f"seed{args.seed}")
-    base = args.base or toybase.build_embedded(os.path.join(out, "embedded"), args.seed)["base"]
+    base = args.base or build_embedded(os.path.join(out, "embedded"), args.seed)["base"]
     if not os.path.isdir(base):
         sys.exit(f"error: base model folder {base!r} does not exist")
     result = gates(base, out, args.seed, samples=args.samples, overrides=args.set)

@@ -1,15 +1,15 @@
 """The ceiling the method is measured against: the reasoner stage (step 4) of `visplay.py`, same
 config, steps and settings, but on questions about the pool's scenes with their TRUE answers (the
-toy world's generator, `toyworld.balanced_questions`) instead of the questioner's questions with
-silver labels. Nothing here is part of the method; `benchmarks/toyworld_claim.py --settings oracle`
+toy world's generator, `world.balanced_questions`) instead of the questioner's questions with
+silver labels. Nothing here is part of the method; `python -m toyworld.claim --settings oracle`
 runs it next to the method.
 
-    python benchmarks/toyworld_oracle.py --config config.yaml --set run_dir=runs/oracle
+    python -m toyworld.oracle --config config.yaml --set run_dir=runs/oracle
 
 Iteration i writes questions_v{i}.jsonl, labeled_v{i}.jsonl and kept_v{i}.jsonl (the same rows:
 `questions_per_image` true-labeled questions per pool image, confidence 1), trains reasoner_v{i}
 from reasoner_v{i-1} with `visplay.train_reasoner` and evaluates it with
-`visplay.evaluate_reasoner`; summary.jsonl and the table as `visplay.py` writes them. Resumes.
+`eval.evaluate_reasoner`; summary.jsonl and the table as `visplay.py` writes them. Resumes.
 """
 
 import argparse
@@ -17,25 +17,25 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
+import torch
 
-import toyworld  # noqa: E402
-import visplay  # noqa: E402
-from config import load_config  # noqa: E402
-from data import write_jsonl  # noqa: E402
-from run import Run, free_memory  # noqa: E402
-from summary import format_summary, iteration_summary  # noqa: E402
+import visplay
+from config import load_config
+from data import write_jsonl
+from eval import evaluate_reasoner
+from run import Run, free_memory
+from summary import format_summary, iteration_summary
+from toyworld.world import WorldConfig, balanced_questions, pool_scenes
 
 
 def true_questions(run, iteration):
     """`generation.questions_per_image` questions with true answers for every pool image (the
-    pool's scenes redrawn from the seed, `toyworld.pool_scenes`)."""
+    pool's scenes redrawn from the seed, `world.pool_scenes`)."""
     seed = run.cfg.seed
-    pool = toyworld.pool_scenes(toyworld.WorldConfig(), seed)
+    pool = pool_scenes(WorldConfig(), seed)
     assert len(pool) == len(run.pool), "the oracle needs the embedded default's pool"
     per_image = run.cfg.generation.questions_per_image
-    questions = toyworld.balanced_questions(pool, seed + 100 + iteration, per_scene=per_image)
+    questions = balanced_questions(pool, seed + 100 + iteration, per_scene=per_image)
     return [{"image": run.pool.paths[index // per_image], "image_index": index // per_image,
              "valid": True, "type": q.type, "question": q.question, "questioner_answer": q.answer,
              "choices": q.choices, "answers": [q.answer], "silver_answer": q.answer,
@@ -47,7 +47,7 @@ def oracle_loop(cfg):
     run = Run(cfg)
     run.check_config()
     if not os.path.exists(run.path("eval_v0.json")):
-        visplay.evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
+        evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
         free_memory()
     summaries = [iteration_summary(run.dir, 0)]
     for i in range(1, cfg.iterations + 1):
@@ -62,8 +62,8 @@ def oracle_loop(cfg):
                                    out_path=run.path(f"reasoner_v{i}"))
             free_memory()
         if not os.path.exists(run.path(f"eval_v{i}.json")):
-            visplay.evaluate_reasoner(run, i, reasoner_path=run.path(f"reasoner_v{i}"),
-                                      out_path=run.path(f"eval_v{i}.json"))
+            evaluate_reasoner(run, i, reasoner_path=run.path(f"reasoner_v{i}"),
+                              out_path=run.path(f"eval_v{i}.json"))
             free_memory()
         summaries.append(iteration_summary(run.dir, i))
         write_jsonl(run.path("summary.jsonl"), summaries)

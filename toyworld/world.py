@@ -1,7 +1,7 @@
 """The embedded default's world: shape scenes, questions with exact answers, and their splits.
 
 No pretrained VLM can be downloaded here, so the project brings its own small world (and, in
-`toybase.py`, its own small base model):
+`base.py`, its own small base model):
 - Scenes: coloured shapes on a grid, one shape per cell and no two alike, drawn by `render_shapes`
   with 28-pixel cells, so each cell is exactly one merged vision token of Qwen2.5-VL (patch 14,
   merge 2); each cell's background is tinted by its position.
@@ -14,7 +14,8 @@ No pretrained VLM can be downloaded here, so the project brings its own small wo
   sees (more objects: the new domain), and a labeled held-out benchmark of the new domain.
 
 Labels exist ONLY for pretraining and for the benchmark: the self-play loop reads the pool's image
-folder and never a label file (none is written for the pool).
+folder and never a label file (none is written for the pool). The spy game's embedded default
+plays on pool scenes and their edited twins (`twin`, `write_toy_pairs`).
 """
 
 import os
@@ -25,12 +26,11 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageDraw
 
 from data import write_jsonl
-from roles import QUESTIONER_INSTRUCTION, reasoner_text
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-# Three earlier families were dropped (README, "The embedded default"): "spatial" ("Is the red
+# Three more families were measured and left out (docs/toyworld.md): "spatial" ("Is the red
 # circle left of the blue square?": naming where a named thing is, 2 of 50 chains right after 2500
 # pretraining steps), "attribute" ("What color is the shape in row 2, column 3?": 68% on
 # base-domain scenes, 26% on the pool's after 4000 steps) and "count_both" ("How many red
@@ -230,7 +230,8 @@ class WorldConfig:
     rows: int = 4
     cols: int = 4
     pretrain_decay: float = 0.65        # base domain: P(n objects) ~ decay**n, n = 1..max_things
-                                        # (0.5 bases list crowded scenes badly: README "tried")
+                                        # (0.5 bases list crowded scenes badly:
+                                        # docs/toyworld.md, "Design alternatives")
     max_things: int = 8
     shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: uniform, more
     pool_images: int = 512
@@ -313,17 +314,6 @@ def write_pool(folder, world, seed):
     return folder
 
 
-def corpus(seed, count=4000):
-    """Texts the tiny tokenizer is trained on: both roles' prompts and targets of the world."""
-    world = WorldConfig()
-    texts = [QUESTIONER_INSTRUCTION] * (count // 8)  # frequent enough to become a few tokens
-    scene_list = scenes(seed + 7, count, rows=world.rows, cols=world.cols,
-                        things=(1, world.max_things))
-    for scene, q in balanced_questions(scene_list, seed + 8):
-        texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
-    return texts
-
-
 _QUESTION_PATTERNS = [
     (re.compile(r"^How many (?:(?P<color>\w+) )?(?P<what>objects|circles|squares|triangles) "
                 r"are there\?$"), "count"),
@@ -354,3 +344,51 @@ def true_answer(scene, question):
         n2 = sum(t.color == g["c2"] for t in things)
         return "yes" if n1 > n2 else "no"
     return None
+
+
+# ----------------------------------------------------------------------------
+# Image pairs for the spy game (Vision-Zero's embedded default)
+
+
+def twin(scene, rng, changes=2):
+    """The edited twin of a toy scene: `changes` things, drawn at random, each get a new shape AND
+    a new colour, in the same cell, with no two things alike afterwards (so each still has its own
+    name). In a crowded scene where too few things have such a kind free, the rest change their
+    shape or their colour only. Returns a new `Scene`."""
+    if len(scene.things) < changes:
+        raise ValueError(f"a twin changes {changes} things; the scene has {len(scene.things)}")
+    used = {(t.shape, t.color) for t in scene.things}
+    things, changed = list(scene.things), set()
+    order = rng.sample(range(len(things)), len(things))
+    for both in (True, False):
+        for i in order:
+            if len(changed) == changes:
+                break
+            old = things[i]
+            kinds = [(s, c) for c in COLOR_NAMES for s in SHAPES if (s, c) not in used and (
+                (s != old.shape and c != old.color) if both else True)]
+            if i in changed or not kinds:
+                continue
+            shape, color = rng.choice(kinds)
+            used.add((shape, color))
+            things[i] = Thing(shape, color, old.row, old.col)
+            changed.add(i)
+    if len(changed) < changes:
+        raise ValueError(f"a twin changes {changes} things; only {len(changed)} can change")
+    return Scene(scene.rows, scene.cols, things)
+
+
+def write_toy_pairs(folder, scene_list, seed):
+    """Render each scene and its twin (`twin`) as an (original, edited) pair; write the PNGs and a
+    manifest, pairs.jsonl, under `folder`. Returns the manifest's path."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rows = []
+    for i, scene in enumerate(scene_list):
+        names = {"original": f"images/{i:05d}_original.png", "edited": f"images/{i:05d}_edited.png"}
+        scene.render().save(os.path.join(folder, names["original"]))
+        twin(scene, rng).render().save(os.path.join(folder, names["edited"]))
+        rows.append(names)
+    path = os.path.join(folder, "pairs.jsonl")
+    write_jsonl(path, rows)
+    return path

@@ -1,12 +1,12 @@
 """What Vision-Zero's embedded run shows, per seed: spy-identification accuracy and n/a rate over
-training, the stage sequence, and the held-out toy benchmark before and after (README
-"Vision-Zero"). Runs `python visplay.py --config configs/vision-zero.yaml` once per seed (each in
-its own run directory; a finished one is reused) and prints one markdown table. With --visplay,
-VisPlay's default loop (config.yaml) also runs on each seed's game base, pool and benchmarks, in
-OUT/seedS/visplay, and the table adds its held-out accuracy per iteration: the two methods side
-by side on one base.
+training, the stage sequence, and the held-out toy benchmark before and after
+(docs/vision_zero.md). Runs `python visplay.py --config configs/vision-zero.yaml` once per seed
+(each in its own run directory; a finished one is reused) and prints one markdown table. With
+--visplay, VisPlay's default loop (config.yaml) also runs on each seed's game base, pool and
+benchmarks, in OUT/seedS/visplay, and the table adds its held-out accuracy per iteration: the two
+methods side by side on one base.
 
-    python benchmarks/vision_zero_claim.py --seeds 0 1 2 --out runs/vision-zero-claim --visplay
+    python -m vision_zero.claim --seeds 0 1 2 --out runs/vision-zero-claim --visplay
 
 Seeds other than 0 build their own toy base (about 18 minutes on 2 cores) and game base (about
 23) first.
@@ -18,9 +18,8 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import load_config  # noqa: E402
-from data import read_jsonl  # noqa: E402
+from config import load_config
+from data import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

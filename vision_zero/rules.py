@@ -19,90 +19,15 @@ Iterative-SPO (`PhaseSwitch`): EMAs (rho) of the vote accuracy and the n/a rate 
 from the decision stage to the clue stage when acc >= 0.9 and n/a <= 0.1, back when error >= 0.4
 or n/a >= 0.5, after at least K_min updates in a stage. Only the active stage's samples get
 gradients; both stages are played every step (the clue rewards need the votes).
-Where the paper is silent or the released code differs, README "Vision-Zero" lists our choices.
+Where the paper is silent or the released code differs, docs/vision_zero.md lists our choices.
 """
 
-import json
-import os
-import random
 import re
 from dataclasses import dataclass
 
 from answers import extract_boxed
-from toyworld import COLOR_NAMES, SHAPES, Scene, Thing
 
 NA = "n/a"
-
-# ----------------------------------------------------------------------------
-# Image pairs
-
-
-def twin(scene, rng, changes=2):
-    """The edited twin of a toy scene: `changes` things, drawn at random, each get a new shape AND
-    a new colour, in the same cell, with no two things alike afterwards (so each still has its own
-    name). In a crowded scene where too few things have such a kind free, the rest change their
-    shape or their colour only. Returns a new `Scene`."""
-    if len(scene.things) < changes:
-        raise ValueError(f"a twin changes {changes} things; the scene has {len(scene.things)}")
-    used = {(t.shape, t.color) for t in scene.things}
-    things, changed = list(scene.things), set()
-    order = rng.sample(range(len(things)), len(things))
-    for both in (True, False):
-        for i in order:
-            if len(changed) == changes:
-                break
-            old = things[i]
-            kinds = [(s, c) for c in COLOR_NAMES for s in SHAPES if (s, c) not in used and (
-                (s != old.shape and c != old.color) if both else True)]
-            if i in changed or not kinds:
-                continue
-            shape, color = rng.choice(kinds)
-            used.add((shape, color))
-            things[i] = Thing(shape, color, old.row, old.col)
-            changed.add(i)
-    if len(changed) < changes:
-        raise ValueError(f"a twin changes {changes} things; only {len(changed)} can change")
-    return Scene(scene.rows, scene.cols, things)
-
-
-def write_toy_pairs(folder, scene_list, seed):
-    """Render each scene and its twin (`twin`) as an (original, edited) pair; write the PNGs and a
-    manifest, pairs.jsonl, under `folder`. Returns the manifest's path."""
-    from data import write_jsonl
-
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    rows = []
-    for i, scene in enumerate(scene_list):
-        names = {"original": f"images/{i:05d}_original.png", "edited": f"images/{i:05d}_edited.png"}
-        scene.render().save(os.path.join(folder, names["original"]))
-        twin(scene, rng).render().save(os.path.join(folder, names["edited"]))
-        rows.append(names)
-    path = os.path.join(folder, "pairs.jsonl")
-    write_jsonl(path, rows)
-    return path
-
-
-def read_pairs(manifest):
-    """(original, edited) absolute paths from a JSONL manifest, one {"original": path, "edited":
-    path} per line, paths relative to the manifest. A malformed line stops with its number."""
-    from data import iter_jsonl
-
-    if not os.path.isfile(manifest):
-        raise FileNotFoundError(f"pairs manifest {manifest!r} does not exist: give a .jsonl file "
-                                "with one {\"original\": path, \"edited\": path} per line")
-    base = os.path.dirname(os.path.abspath(manifest))
-    pairs = []
-    for number, row in iter_jsonl(manifest):
-        if not (isinstance(row, dict) and isinstance(row.get("original"), str)
-                and isinstance(row.get("edited"), str)):
-            raise ValueError(f"{manifest}:{number}: expected string fields \"original\" and "
-                             f"\"edited\" (paths), got {json.dumps(row)[:120]}")
-        pairs.append((os.path.join(base, row["original"]), os.path.join(base, row["edited"])))
-    if not pairs:
-        raise ValueError(f"pairs manifest {manifest!r} lists no pairs")
-    return pairs
-
 
 # ----------------------------------------------------------------------------
 # Games, prompts and parsing

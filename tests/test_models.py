@@ -1,4 +1,5 @@
-"""Tests of vlm.py: building, saving and loading the tiny Qwen2.5-VL, and its tokenizer."""
+"""Tests of models/load.py and models/tiny.py: building, saving and loading the tiny Qwen2.5-VL,
+and its tokenizer."""
 
 import json
 import os
@@ -12,9 +13,11 @@ from transformers import AutoTokenizer, BertConfig, Qwen2_5_VLForConditionalGene
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from conftest import tiny_corpus
+from models.families import VISION_TOKENS
+from models.load import load_vlm, save_vlm
+from models.tiny import SPECIAL_TOKENS, build_tiny_vlm
 from roles import reasoner_prompt
-from toyworld import render_shapes
-from vlm import SPECIAL_TOKENS, VISION_TOKENS, build_tiny_vlm, load_vlm, save_vlm
+from toyworld.world import render_shapes
 
 SMALL_CORPUS = ["How many red circles are there?", "Is there a blue square?", "\\boxed{3}",
                 "<type>numerical</type><question>How many?</question><answer>2</answer>"] * 5
