@@ -87,7 +87,7 @@ def next_token(logits, sampling, banned_ids, generator):
     """Pick one token per row. logits [n, V] -> (tokens [n], their log-probs [n]).
 
     The recorded log-prob is under the temperature-scaled policy before top-p / top-k truncation,
-    which is what `grpo.completion_logprobs` recomputes (the usual GRPO convention). Top-p is
+    which is what `logprobs.completion_logprobs` recomputes (the usual GRPO convention). Top-p is
     applied after top-k, renormalised over what top-k keeps.
     """
     logits = logits.float()

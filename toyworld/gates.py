@@ -18,6 +18,7 @@ Prints two markdown tables and writes OUT/gates.json.
 import argparse
 import os
 import random
+import sys
 import time
 
 from answers import answer_correct, extract_answer, majority_vote
