@@ -56,19 +56,36 @@ def extract_boxed(text: str) -> str | None:
     Braces nest (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`); escaped braces `\\{`
     do not count. A box that never closes is skipped, so an earlier complete
     box can still be the answer.
+
+    Linear in the length of the text, however many boxes never close (a model
+    caught in a repetition loop writes thousands): one right-to-left pass finds,
+    for every position after the first box, where the first brace that closes a
+    group opened before it stands (`closing`), so each box's end is one lookup.
     """
-    answer = None
-    for match in _BOXED.finditer(text):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            if text[i] == "\\":  # skip the escaped character, e.g. \{ or \}
-                i += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            answer = text[match.end():i - 1]
-    return answer
+    boxes = list(_BOXED.finditer(text))
+    if not boxes:
+        return None
+    first, n = boxes[0].end(), len(text)
+    # closing[j - first]: the index just past the first "}" that, read from j on, closes a group
+    # opened before j (an escaped character skipped, a nested group skipped whole); None: none
+    closing = [None] * (n - first + 2)
+    for j in range(n - 1, first - 1, -1):
+        char = text[j]
+        if char == "}":
+            end = j + 1
+        elif char == "{":  # a nested group: skip it, then look on after it
+            inner = closing[j + 1 - first]
+            end = None if inner is None else closing[inner - first]
+        elif char == "\\":  # the escaped character is not a brace
+            end = closing[j + 2 - first]
+        else:
+            end = closing[j + 1 - first]
+        closing[j - first] = end
+    for box in reversed(boxes):  # the last box that closes
+        end = closing[box.end() - first]
+        if end is not None:
+            return text[box.end():end - 1]
+    return None
 
 
 class _Canonical(NamedTuple):

@@ -2,6 +2,10 @@
 question lists. Each rule is checked on the example it exists for and on the cases it must
 reject."""
 
+import random
+import re
+import time
+
 import pytest
 
 from answers import (
@@ -37,6 +41,47 @@ def test_extract_boxed():
     assert extract_boxed(r"\boxed {x}") == "x"
     assert extract_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces do not nest
     assert extract_boxed(r"\boxed{}") == ""
+
+
+def _extract_boxed_by_rescanning(text):
+    """The obvious way: scan on from every box until its braces balance (quadratic when many
+    boxes never close)."""
+    answer = None
+    for match in re.finditer(r"\\boxed\s*\{", text):
+        depth, i = 1, match.end()
+        while i < len(text) and depth:
+            if text[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            answer = text[match.end():i - 1]
+    return answer
+
+
+def test_extract_boxed_equals_rescanning_every_box():
+    """Random texts of boxes, braces, backslashes (escaped boxes and braces included), nested and
+    unclosed boxes: the same answer as scanning on from every box."""
+    pieces = ["\\boxed{", "\\boxed {", "{", "}", "\\", "\\{", "\\}", "a", "1", " "]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert extract_boxed(text) == _extract_boxed_by_rescanning(text), text
+
+
+def test_extract_boxed_is_linear_in_unclosed_boxes():
+    """A model stuck in a loop: 100k characters, 10,000 boxes that never close among them.
+    Rescanning every box takes minutes here; one pass takes a few hundredths of a second (the
+    bound is a hundred times that, for a loaded machine)."""
+    looping = "\\boxed{x " * 10000
+    texts = {"so \\boxed{3} " + looping + "\\boxed{7}": "7",   # the last complete box
+             "so \\boxed{3} " + looping: "3"}                    # only the first one closes
+    started = time.perf_counter()
+    for text, expected in texts.items():
+        text += "y" * (100_000 - len(text))
+        assert len(text) == 100_000 and extract_boxed(text) == expected
+    assert time.perf_counter() - started < 5.0
 
 
 # ----------------------------------------------------------------------------
