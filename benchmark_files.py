@@ -179,6 +179,8 @@ def item_from_row(row, base, number, yes_no=False):
     """
     if not isinstance(row, dict):
         raise BadRow("not an object")
+    if not any(key in row for key in QUESTION_KEYS):
+        raise BadRow("no question field")
     question = _IMAGE_PLACEHOLDER.sub("", str(_first(row, QUESTION_KEYS) or "")).strip()
     if not question:
         raise BadRow("empty question")
@@ -258,9 +260,12 @@ def load_benchmark(path, layout="auto", report=None):
         report.update(path=path, layout=layout, rows=len(rows), items=len(items),
                       bad=dict(sorted(bad.items())))
     if not items:
-        raise ValueError(f"benchmark {path} ({layout} layout): none of its {len(rows)} rows is "
-                         f"usable ({counts or 'no rows'}); a row needs an image, a question and "
-                         "an answer")
+        found = sorted({key for _, row in rows[:100] if isinstance(row, dict) for key in row})
+        raise ValueError(
+            f"benchmark {path} ({layout} layout): none of its {len(rows)} rows is usable "
+            f"({counts or 'no rows'}); a row needs a question ({', '.join(QUESTION_KEYS)}), an "
+            f"answer ({', '.join(ANSWER_KEYS)}) and an image ({', '.join(IMAGE_KEYS)}, or "
+            f"image_1 ...); the rows have the keys {', '.join(found) or 'none'}")
     log.info("%s: %d items (%s layout)%s", path, len(items), layout,
              f", skipped {counts}" if bad else "")
     return items

@@ -41,6 +41,9 @@ def list_images(source):
             raise ValueError(f"no images under {source!r}: looked for files ending in "
                              f"{', '.join(IMAGE_EXTENSIONS)}")
         return paths
+    if source.lower().endswith(IMAGE_EXTENSIONS):
+        raise ValueError(f"{source!r} is one image: give a folder of images or a .jsonl manifest "
+                         "with one {\"image\": path} per line")
     base = os.path.dirname(os.path.abspath(source))
     paths = []
     for number, row in iter_jsonl(source):
@@ -148,13 +151,18 @@ def iter_jsonl(path):
     """(line number, row) of each non-blank line; a malformed line raises ValueError naming file
     and line."""
     with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON: {error}") from None
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {error}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{number + 1}: not text (a binary file?): expected JSON "
+                             "lines") from None
 
 
 def read_jsonl(path):

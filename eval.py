@@ -254,8 +254,9 @@ def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
     """Step 5: greedy accuracy (and sampled pass@1 / majority@k) of a reasoner on every
     benchmark -> eval_v{i}.json, and one graded row per item -> eval_v{i}_items.jsonl.
 
-    run: the `run.Run` (its config's eval and model settings, its benchmarks). Each rank answers
-    its share of every benchmark; rank 0 writes the graded rows of all.
+    run: the `run.Run` (its config's eval and model settings, its benchmarks and what reading
+    them skipped). Each rank answers its share of every benchmark; rank 0 writes the graded rows
+    of all. Each benchmark's summary also counts the rows skipped, by reason ("skipped").
     """
     settings, model_settings = run.cfg.eval, run.cfg.model
     model, processor = run.load_model(reasoner_path, trainable=False)
@@ -266,11 +267,18 @@ def evaluate_reasoner(run, iteration, *, reasoner_path, out_path):
     summaries, items_rows = {}, []
     for name, items in run.benchmarks.items():
         items = items[:settings.max_items] if settings.max_items else items
+        unreadable = Counter()
         with distributed.gathered(model):
             mine = evaluate(model, processor, distributed.my_part(items), setting,
-                            progress=distributed.is_main())
+                            report=unreadable, progress=distributed.is_main())
         results = distributed.all_gather_list(mine)
         summaries[name] = summarize(results)
+        # the rows skipped, by reason: when the file was read, and images that failed here
+        skipped = dict(run.benchmark_reports.get(name, {}).get("bad", {}))
+        failed = int(distributed.all_reduce_sum(float(unreadable["unreadable image"])))
+        if failed:
+            skipped["unreadable at evaluation"] = failed
+        summaries[name]["skipped"] = skipped
         items_rows += [{"benchmark": name, **r} for r in results]
         log.info("[iter %d eval] %s: accuracy %.1f%% (%d items)", iteration, name,
                  100 * summaries[name]["accuracy"], len(results))

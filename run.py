@@ -38,7 +38,8 @@ import checkpoint
 import distributed
 from benchmark_files import load_benchmark
 from config import ConfigError, config_to_dict
-from data import ImagePool, atomic_path, list_images, read_jsonl, read_pairs, write_jsonl
+from data import (ImagePool, atomic_path, list_images, load_image, read_jsonl, read_pairs,
+                  write_jsonl)
 from distributed import gathered, is_sharded, load_into_shards, shard_model
 from grpo import Learner, make_optimizer
 from models.families import family_of, is_vision_parameter
@@ -72,11 +73,13 @@ def free_memory():
 
 
 def check_sources(cfg):
-    """Read what the config names, quickly: (image paths or None, {benchmark name: items}).
+    """Read what the config names, quickly, before anything is written: (image paths or None,
+    {benchmark name: items}, {benchmark name: its reading report (rows skipped by reason)}).
 
-    A model folder without config.json (or a model without images), a missing or empty image
-    folder or manifest, a missing benchmark file or one without a usable row is a ConfigError
-    naming the key.
+    A model folder that cannot be loaded (no config.json, a model_type outside the family table,
+    a safetensors file cut short: `models.load.check_model_dir`), a model without images or
+    pairs, a missing, empty or unreadable image folder, manifest or pair manifest, a missing
+    benchmark file or one without a usable row is a ConfigError naming the key.
     """
     game = cfg.method == "vision-zero"  # image pairs (spy.pairs) instead of a pool of images
     if cfg.model.path is not None:
@@ -85,30 +88,67 @@ def check_sources(cfg):
         except FileNotFoundError as error:
             raise ConfigError(f"model.path: {error}, or leave model.path empty for the embedded "
                               "default") from None
+        except ValueError as error:
+            raise ConfigError(f"model.path: {error}") from None
         if game and cfg.spy.pairs is None:
             raise ConfigError("spy.pairs: a game on model.path needs a JSONL manifest of image "
                               "pairs, one {\"original\": path, \"edited\": path} per line")
         if not game and cfg.data.images is None:
             raise ConfigError("data.images: a run on model.path needs a folder or a JSONL "
                               "manifest of images")
+    pixels = cfg.model.min_pixels, cfg.model.max_pixels
     if game and cfg.spy.pairs is not None:
         try:
-            read_pairs(cfg.spy.pairs)
+            pairs = read_pairs(cfg.spy.pairs)
+            _first_readable(pairs, lambda pair: [load_image(path, *pixels) for path in pair],
+                            f"pairs of {cfg.spy.pairs}")
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"spy.pairs: {error}") from None
     image_paths = None
     if cfg.data.images is not None:
         try:
             image_paths = list_images(cfg.data.images)
+            _first_readable(image_paths, lambda path: load_image(path, *pixels),
+                            f"images of {cfg.data.images}")
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.images: {error}") from None
-    benchmarks = {}
+    benchmarks, reports = {}, {}
     for name, path in cfg.eval.benchmarks.items():
         try:
-            benchmarks[name] = load_benchmark(path)
+            reports[name] = {}
+            benchmarks[name] = load_benchmark(path, report=reports[name])
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"eval.benchmarks.{name}: {error}") from None
-    return image_paths, benchmarks
+    return image_paths, benchmarks, reports
+
+
+def _first_readable(entries, read, what):
+    """Read entries in order until one can be read (a pool of unreadable images would fail only
+    at the first training step). ValueError, with the first failure, when none can."""
+    first = None
+    for entry in entries:
+        try:
+            read(entry)
+            return
+        except ValueError as error:
+            first = first or error
+    raise ValueError(f"none of the {len(entries)} {what} can be read; the first: {first}")
+
+
+def check_run_dir(path):
+    """Make the run directory; ConfigError unless it is a folder this process can write in."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"run_dir: {path!r} is a file, not a folder: give a folder for the "
+                          "run's files (it is made when missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_check_{uuid.uuid4().hex}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"run_dir: cannot write in {path!r} ({error.strerror}): give a folder "
+                          "this user may write") from None
 
 
 def _first_difference(old, new, prefix=""):
@@ -173,9 +213,8 @@ class Run:
             raise ConfigError("model.cpu_offload: works under torchrun only (FSDP2 offloads the "
                               "sharded weights); in one process turn on "
                               "model.activation_checkpointing or lower micro_batch_size instead")
-        image_paths, self.benchmarks = check_sources(cfg)
-        if distributed.is_main():
-            os.makedirs(self.dir, exist_ok=True)
+        image_paths, self.benchmarks, self.benchmark_reports = check_sources(cfg)
+        check_run_dir(self.dir)  # every rank: each must be able to write there
         self.base = cfg.model.path
         if cfg.model.path is None:  # the embedded default fills in what the config leaves empty
             world = self._embedded_world()
@@ -184,9 +223,13 @@ class Run:
             if toy_pool:
                 image_paths = list_images(world["pool"])
             if not self.benchmarks:  # the held-out benchmark, and the pool's questions (diagnosis)
-                self.benchmarks = {"toyworld": load_benchmark(world["benchmark"])}
+                files = {"toyworld": world["benchmark"]}
                 if toy_pool:
-                    self.benchmarks["pool"] = load_benchmark(world["pool_questions"])
+                    files["pool"] = world["pool_questions"]
+                for name, path in files.items():
+                    self.benchmark_reports[name] = {}
+                    self.benchmarks[name] = load_benchmark(path,
+                                                           report=self.benchmark_reports[name])
         if cfg.data.max_images is not None and image_paths:
             image_paths = image_paths[:cfg.data.max_images]
         self.pool = ImagePool(image_paths or [], cfg.model.min_pixels, cfg.model.max_pixels)

@@ -12,7 +12,9 @@ Qwen2.5-VL): the stock processors also want a video processor, which needs torch
 dependency), and `AutoProcessor` cannot find the image-only classes.
 """
 
+import json
 import os
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig
@@ -21,15 +23,74 @@ from data import atomic_path
 from models.families import family_of
 
 
+WHAT = ("a local folder written by save_pretrained (config.json, *.safetensors, tokenizer and "
+        "preprocessor files)")
+
+
 def check_model_dir(path):
-    """Raise FileNotFoundError, naming the folder and what it needs, unless `path` holds a
-    checkpoint."""
-    what = ("a local folder written by save_pretrained (config.json, *.safetensors, tokenizer and "
-            "preprocessor files)")
+    """Check a checkpoint folder without loading it: FileNotFoundError or ValueError naming the
+    file and what is wrong, unless `path` holds a config.json of a supported family
+    (`families.family_of`) and whole safetensors files (`check_safetensors`). Reads config.json
+    and the safetensors headers only: seconds before any model is built."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist: give {what}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"model folder {path!r} has no config.json: give {what}")
+        raise FileNotFoundError(f"model folder {path!r} does not exist: give {WHAT}")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"model folder {path!r} has no config.json: give {WHAT}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config_path}: not a readable JSON file ({error})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    try:
+        family_of(SimpleNamespace(model_type=model_type))
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    for name in weight_files(path):
+        check_safetensors(os.path.join(path, name))
+
+
+def weight_files(path):
+    """The safetensors files of a checkpoint folder: model.safetensors, or the shards its
+    model.safetensors.index.json names. FileNotFoundError when there are none (or a shard is
+    missing)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index}: not a readable weight index ({error!r})") from None
+    else:
+        names = ["model.safetensors"]
+    for name in names:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"model folder {path!r} has no {name}: give {WHAT}")
+    return names
+
+
+def check_safetensors(path):
+    """ValueError naming the file unless it is a whole safetensors file: an 8-byte header
+    length, a JSON header, and as many bytes after it as the header's tensors end at (a copy cut
+    short, or a download stopped midway, fails here rather than deep inside the loader)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise ValueError(f"{path}: not a whole safetensors file ({size} bytes, too short for "
+                             "its own header): copy or save the checkpoint again")
+        try:
+            header = json.loads(f.read(length))
+            end = max([0] + [tensor["data_offsets"][1] for name, tensor in header.items()
+                             if name != "__metadata__"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{path}: not a safetensors file (its header is not readable): "
+                             "copy or save the checkpoint again") from None
+    if 8 + length + end > size:
+        raise ValueError(f"{path}: truncated: its tensors need {8 + length + end} bytes, the file "
+                         f"holds {size}; copy or save the checkpoint again")
 
 
 def load_vlm(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):

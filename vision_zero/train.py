@@ -186,16 +186,26 @@ def training_batch(played, phase, clue, vote, *, phase_mask, pad_id):
 # Training
 
 
-def readable_games(games, pairs, min_pixels, max_pixels):
+def readable_games(games, pairs, min_pixels, max_pixels, warned=None):
     """(games, their (original, edited) images, how many were skipped): a game whose pair cannot
-    be read is skipped, logged and counted, never fatal."""
+    be read is skipped, logged and counted, never fatal. A pair whose two images differ in size
+    is played (each image is resized on its own) with a warning, once per pair when `warned` (a
+    set of pair indices) is given."""
     kept, images = [], []
     for game in games:
         try:
-            images.append(tuple(load_image(p, min_pixels, max_pixels) for p in pairs[game.pair]))
-            kept.append(game)
+            pair = tuple(load_image(p, min_pixels, max_pixels) for p in pairs[game.pair])
         except ValueError as error:
             log.warning("[spy] skipping the game on pair %d: %s", game.pair, error)
+            continue
+        if pair[0].size != pair[1].size and game.pair not in (warned or set()):
+            log.warning("[spy] pair %d: its images differ in size (%dx%d and %dx%d after "
+                        "resizing): the spy's picture differs in more than its edit",
+                        game.pair, *pair[0].size, *pair[1].size)
+            if warned is not None:
+                warned.add(game.pair)
+        images.append(pair)
+        kept.append(game)
     return kept, images, len(games) - len(kept)
 
 
@@ -233,7 +243,7 @@ def train_game(run, pairs, *, start_path, out_path):
         baselines.load_state_dict(stage.extra["baselines"])
         switch.load_state_dict(stage.extra["switch"])
     run.restart_metrics(1, "spy", from_step=stage.start)
-    skipped = 0
+    skipped, mismatched = 0, set()  # unreadable games; pairs whose images differ in size
     for step in range(stage.start, settings.steps):
         started = time.perf_counter()
         order = draw(seed_for(run.cfg.seed, "spy-pairs", step), len(pairs),
@@ -242,7 +252,7 @@ def train_game(run, pairs, *, start_path, out_path):
         games = my_part(rules.deal(seats, order, settings.civilians + 1),
                         blocks=settings.updates_per_step)
         kept, images, unreadable = readable_games(games, pairs, run.cfg.model.min_pixels,
-                                                  run.cfg.model.max_pixels)
+                                                  run.cfg.model.max_pixels, warned=mismatched)
         skipped += unreadable
         if not kept:
             raise RuntimeError(f"no readable pair among step {step}'s games ({skipped} skipped)")
