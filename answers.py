@@ -108,6 +108,18 @@ _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d{1,3})?")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _SLASH = re.compile(r"([+-]?[\d.]+)\s*/\s*([\d.]+)")
 _FRAC = re.compile(r"([+-]?)\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
+# 1\frac{1}{2}: a whole number, then a fraction
+_MIXED = re.compile(r"([+-]?)(\d+)\s*(\\[dt]?frac\s*(?:\{[^{}]*\}|\d)\s*(?:\{[^{}]*\}|\d))")
+# "3 \times 10^{3}", "2.5\cdot10^{-2}", "10^6" (a bounded exponent)
+_SCIENTIFIC = re.compile(r"(?:([+-]?(?:\d+\.?\d*|\.\d+))\s*(?:\\times|\\cdot|×|\*)\s*)?"
+                         r"10\s*\^\s*\{?\s*([+-]?\d{1,3})\s*\}?")
+# "x = 5", "x_1 = 2.5": an equation that gives the value of one unknown
+_GIVEN_VALUE = re.compile(r"[a-z](?:_\{?\w+\}?)?\s*=\s*(.+)")
+_NUMBER_WORDS = {word: value for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
+         "eighty": 80, "ninety": 90}
 # "12 cm", "3 red apples", "5 m^2"
 _SPACED_UNIT = re.compile(r"(.*?\S)\s+[a-z]+(?:\s+[a-z]+)?(?:\^\{?\d\}?)?")
 _ATTACHED_UNIT = re.compile(
@@ -116,12 +128,24 @@ _YES, _NO = {"yes", "true", "correct", "y"}, {"no", "false", "incorrect", "n"}
 
 
 def _parse_number(s: str) -> Fraction | None:
-    """Exact value of an integer, decimal, `a/b` or `\\frac{a}{b}`; None otherwise."""
+    """Exact value of an integer, decimal, `a/b`, `\\frac{a}{b}`, a mixed number
+    (`1\\frac{1}{2}`) or scientific notation (`3 \\times 10^{3}`); None otherwise."""
     s = s.strip()
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     if _DECIMAL.fullmatch(s):
         return Fraction(s[:-1] if s.endswith(".") else s)
+    if (mixed := _MIXED.fullmatch(s)) is not None:
+        sign, whole, fraction = mixed.groups()
+        value = _parse_number(fraction)
+        if value is not None:
+            value += int(whole)
+            return -value if sign == "-" else value
+    if (scientific := _SCIENTIFIC.fullmatch(s)) is not None:
+        mantissa, exponent = scientific.groups()
+        mantissa = Fraction(1) if mantissa is None else _parse_number(mantissa)
+        if mantissa is not None:
+            return mantissa * Fraction(10) ** int(exponent)
     slash, frac = _SLASH.fullmatch(s), _FRAC.fullmatch(s)
     if slash is None and frac is None:
         return None
@@ -130,6 +154,20 @@ def _parse_number(s: str) -> Fraction | None:
     if numerator is None or not denominator:  # not a number, or division by zero
         return None
     return -numerator / denominator if sign == "-" else numerator / denominator
+
+
+def _value(s: str) -> Fraction | None:
+    """`_parse_number`, or the value of a number word ("three", "twenty-one": 0 to 99)."""
+    number = _parse_number(s)
+    if number is not None:
+        return number
+    s = s.strip()
+    if s in _NUMBER_WORDS:
+        return Fraction(_NUMBER_WORDS[s])
+    tens, _, ones = s.replace("-", " ").partition(" ")
+    if tens in _TENS and (not ones or _NUMBER_WORDS.get(ones, 10) < 10):
+        return Fraction(_TENS[tens] + (_NUMBER_WORDS[ones] if ones else 0))
+    return None
 
 
 def _format_number(value: Fraction) -> str:
@@ -155,9 +193,11 @@ def _canonical(answer: str, choices: list[str] | None) -> _Canonical:
     if re.fullmatch(r"\(?[a-z]\)", s):  # "b)" and "(b)" left unbalanced by the strip above
         s = s.strip("()")
     s = _DEGREE.sub("", s).replace("\\%", "%").strip()
+    if (given := _GIVEN_VALUE.fullmatch(s)) and _value(given.group(1).rstrip("%")) is not None:
+        s = given.group(1).strip()  # "x = 5": the value
     is_percent = s.endswith("%")
     s = s.rstrip("%").strip()
-    number = _parse_number(s)
+    number = _value(s)
     if number is None:  # "12 cm", "3 apples", "12cm": drop the unit if a number is left
         for unit in (_SPACED_UNIT, _ATTACHED_UNIT):
             if (m := unit.fullmatch(s)) and (number := _parse_number(m.group(1))) is not None:
@@ -288,6 +328,8 @@ def extract_answer(text: str | None, choices: list[str] | None = None) -> str | 
     2. the text after the last "answer is" / "answer:" (to the end of its line, cut at ". ");
     3. with `choices`: an option letter that ends the last line ("... so (B).", "**B**");
     4. the last non-empty line.
+    With `choices`, the text rules 2 and 4 give is read for an option named by its letter and its
+    text together ("B, the red circle": B; `_named_option`).
     Rules 2-4 are for evaluation only: an unboxed response earns no reward in training.
     """
     if text is None:
@@ -299,29 +341,54 @@ def extract_answer(text: str | None, choices: list[str] | None = None) -> str | 
     for line in reversed(lines):
         phrases = list(_ANSWER_PHRASE.finditer(line))
         if phrases and line[phrases[-1].end():].strip():
-            return re.split(r"\.\s", line[phrases[-1].end():])[0].strip(" *").rstrip(".")
+            answer = re.split(r"\.\s", line[phrases[-1].end():])[0].strip(" *").rstrip(".")
+            return (choices and _named_option(answer, choices)) or answer
     if not lines:
         return None
     letter = _ENDING_LETTER.search(lines[-1])
     if choices and letter and ord(letter.group(1)) - ord("A") < len(choices):
         return letter.group(1)
-    return lines[-1]
+    return (choices and _named_option(lines[-1], choices)) or lines[-1]
+
+
+def _named_option(sentence: str, choices: list[str]) -> str | None:
+    """The option letter a sentence names together with that option's text ("It is B, the red
+    circle.", "B) red", "red (B)"), when it names exactly one option so; else None (a hedge
+    naming two options is no answer). The letter must be a capital standing alone."""
+    named = set()
+    for index, option in enumerate(choices):
+        letter = OPTION_LETTERS[index]
+        option = option.strip()
+        prefix = _OPTION_PREFIX.match(option.lower())
+        if prefix and prefix.group(1) == letter.lower():  # options written "B. red"
+            option = option[prefix.end():]
+        body = r"\s+".join(map(re.escape, option.split()))
+        if not body:
+            continue
+        alone = rf"(?<![A-Za-z0-9])\(?{letter}\)?(?![A-Za-z0-9])"
+        if re.search(rf"{alone}[\s.:,)\]-]*(?i:the\s+)?(?i:{body})(?![a-z0-9])", sentence) or \
+                re.search(rf"(?<![a-z0-9])(?i:{body})\s*\(\s*{letter}\s*\)", sentence):
+            named.add(letter)
+    return named.pop() if len(named) == 1 else None
 
 
 def infer_answer_type(reference: str, choices: list[str] | None = None) -> str:
     """Answer type of a benchmark item whose file does not give one: one of ANSWER_TYPES.
 
-    choices -> "multiple_choice"; "yes" / "no" -> "yes_no"; a number (units, %, LaTeX allowed) ->
-    "integer" or "float" by value; anything else -> "free_form". "percentage" is never inferred: a
-    benchmark says so per item, because it makes "0.5" and "50%" the same answer.
+    choices -> "multiple_choice"; "yes" / "no" -> "yes_no"; a number written with % ("25%") ->
+    "percentage" (so "0.25" is read as 25% too); another number (units, LaTeX allowed) -> "integer"
+    or "float" by value; anything else -> "free_form". A reference without % ("0.5") is never read
+    as a percentage unless its file says so: "50%" is then not "0.5".
     """
     if choices:
         return "multiple_choice"
     if reference.strip().lower().rstrip(".") in ("yes", "no"):
         return "yes_no"
-    number = _canonical(reference, None).number
-    if number is not None:
-        return "integer" if number.denominator == 1 else "float"
+    canonical = _canonical(reference, None)
+    if canonical.number is not None:
+        if canonical.is_percent:
+            return "percentage"
+        return "integer" if canonical.number.denominator == 1 else "float"
     return "free_form"
 
 

@@ -1,4 +1,5 @@
-"""Exact resume inside a GRPO stage: sharded checkpoints with torch.distributed.checkpoint (DCP).
+"""Exact resume: sharded checkpoints inside a GRPO stage (torch.distributed.checkpoint, DCP), and
+the record of every finished stage output, checked before a rerun reuses it.
 
 A stage saves every `save_every` steps into
 
@@ -17,6 +18,7 @@ byte its DCP metadata points to, every rank's RNG file); a torn one (a power los
 filled up) is skipped with a warning that names it, for the previous one or the stage's start.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import distributed
-from data import move_into_place
+from data import move_into_place, write_json
 
 _STEP = re.compile(r"^step_(\d+)$")
 log = logging.getLogger("visplay")
@@ -59,15 +61,19 @@ def complete(path):
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         stored = dcp.FileSystemReader(path).read_metadata().storage_data.values()
-    except (OSError, ValueError, EOFError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 (a pickle cut short fails in many ways)
         return f"unreadable ({type(error).__name__}: {error})"
     for item in stored:
         data = os.path.join(path, item.relative_path)
         if not os.path.isfile(data) or os.path.getsize(data) < item.offset + item.length:
             return f"data file {item.relative_path} missing or truncated"
     for rank in range(meta.get("world_size", 1)):
-        if not os.path.isfile(os.path.join(path, f"rng_rank{rank}.pt")):
+        try:
+            torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+        except FileNotFoundError:
             return f"rng_rank{rank}.pt missing"
+        except Exception as error:  # noqa: BLE001
+            return f"rng_rank{rank}.pt unreadable ({type(error).__name__})"
     return None
 
 
@@ -155,3 +161,76 @@ def remove(folder):
         if os.path.isdir(parent) and not os.listdir(parent):
             os.rmdir(parent)
     distributed.barrier()
+
+
+# ----------------------------------------------------------------------------
+# Finished stage outputs: trusted only when they are what the run wrote
+
+OUTPUTS = "outputs.json"  # RUN/outputs.json: {output name: its fingerprint}
+
+
+def fingerprint(path):
+    """What a finished output is: a file's size, SHA-256 and line count; a folder's (a
+    save_pretrained model's) files and their sizes (hashing gigabytes of weights at every rerun
+    would cost minutes; a file cut short changes its size)."""
+    if os.path.isdir(path):
+        return {"files": {os.path.relpath(os.path.join(folder, name), path):
+                          os.path.getsize(os.path.join(folder, name))
+                          for folder, _, names in sorted(os.walk(path)) for name in sorted(names)}}
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            lines += block.count(b"\n")
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest(), "lines": lines}
+
+
+def _records(run_dir):
+    path = os.path.join(run_dir, OUTPUTS)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        log.warning("%s is not readable: the outputs are recorded again as they are", path)
+        return {}
+
+
+def record_outputs(run_dir, names):
+    """Record what the outputs `names` (just finished) are, in RUN/outputs.json (rank 0)."""
+    if distributed.is_main():
+        records = _records(run_dir)
+        records.update({name: fingerprint(os.path.join(run_dir, name)) for name in names})
+        write_json(os.path.join(run_dir, OUTPUTS), records)
+    distributed.barrier()
+
+
+def check_outputs(run_dir, names):
+    """Before a rerun reuses them: the outputs `names`, in the order the run makes them, against
+    their records. The first that is not what the run wrote (cut short by a power loss or a full
+    disk, or edited) is removed with every output made after it, with one warning naming it, so
+    the rerun redoes exactly that stage and what follows. An output without a record (finished
+    just before a kill) is recorded as it is."""
+    if distributed.is_main():
+        records, changed = _records(run_dir), False
+        for index, name in enumerate(names):
+            path = os.path.join(run_dir, name)
+            if not os.path.exists(path):
+                continue
+            if name not in records:
+                records[name], changed = fingerprint(path), True
+            elif fingerprint(path) != records[name]:
+                log.warning("%s is not what the run wrote (cut short or changed): it is made "
+                            "again, and every output after it", path)
+                for later in names[index:]:
+                    shutil.rmtree(os.path.join(run_dir, later), ignore_errors=True)
+                    if os.path.isfile(os.path.join(run_dir, later)):
+                        os.remove(os.path.join(run_dir, later))
+                    records.pop(later, None)
+                changed = True
+                break
+        if changed:
+            write_json(os.path.join(run_dir, OUTPUTS), records)
+    distributed.barrier()
+

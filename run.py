@@ -202,7 +202,7 @@ class Run:
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.device = distributed.init("cuda" if want_cuda else "cpu", cfg.timeout_minutes)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        for role in ("questioner", "reasoner"):
+        for role in ("spy",) if cfg.method == "vision-zero" else ("questioner", "reasoner"):
             stage = getattr(cfg, role)
             if stage.prompts_per_step % (stage.updates_per_step * distributed.world_size()):
                 raise ConfigError(
@@ -438,11 +438,18 @@ class Run:
 
     def restart_metrics(self, iteration, stage, from_step=0):
         """Drop the metric rows of this stage from `from_step` on (an interrupted attempt wrote
-        them)."""
+        them), and a row cut short (with a warning naming it)."""
         if distributed.is_main() and os.path.exists(self.metrics_path):
-            rows = [r for r in read_jsonl(self.metrics_path) if not (
-                r.get("iteration") == iteration and r.get("stage") == stage
-                and r.get("step", 0) >= from_step)]
+            rows = []
+            with open(self.metrics_path) as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        rows += [json.loads(line)] if line.strip() else []
+                    except json.JSONDecodeError:  # a row cut short by a power loss or full disk
+                        log.warning("%s:%d: a row cut short, dropped", self.metrics_path, number)
+            rows = [r for r in rows if not (r.get("iteration") == iteration
+                                            and r.get("stage") == stage
+                                            and r.get("step", 0) >= from_step)]
             write_jsonl(self.metrics_path, rows)
 
     def log_metrics(self, row):

@@ -49,6 +49,7 @@ from functools import partial
 
 import torch
 
+import checkpoint
 import distributed
 from answers import extract_boxed, infer_answer_type, majority_vote
 from config import ConfigError, load_config
@@ -363,15 +364,31 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
 # The loop and the command line
 
 
+def step_outputs(iteration):
+    """What each step of an iteration writes, in the order the run makes it: per step, its
+    outputs, the last of which marks the step done (iteration 0: the base's evaluation)."""
+    i = iteration
+    if i == 0:
+        return [("eval_v0_items.jsonl", "eval_v0.json")]
+    return [(f"questioner_v{i}",), (f"questions_v{i}.jsonl",),
+            (f"labeled_v{i}.jsonl", f"kept_v{i}.jsonl"), (f"reasoner_v{i}",),
+            (f"eval_v{i}_items.jsonl", f"eval_v{i}.json")]
+
+
 def run_loop(cfg):
-    """The whole VisPlay run: evaluate the base, then T iterations of the five steps, resuming."""
+    """The whole VisPlay run: evaluate the base, then T iterations of the five steps, resuming.
+    A finished output that is not what the run wrote is made again, with all that follows it
+    (`checkpoint.check_outputs`)."""
     started = time.perf_counter()
     run = Run(cfg)
     run.check_config()
     log.info("run %s: %d pool images, base %s, device %s, %d process(es)", run.dir, len(run.pool),
              run.base, run.device, distributed.world_size())
+    checkpoint.check_outputs(run.dir, [name for i in range(cfg.iterations + 1)
+                                       for outputs in step_outputs(i) for name in outputs])
     if not os.path.exists(run.path("eval_v0.json")):
         evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
+        checkpoint.record_outputs(run.dir, step_outputs(0)[0])
         free_memory()
     else:
         log.info("[iter 0] eval_v0.json exists: the base's evaluation is reused")
@@ -379,28 +396,29 @@ def run_loop(cfg):
     for i in range(1, cfg.iterations + 1):
         questioner_before = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
         reasoner_before = run.base if i == 1 else run.path(f"reasoner_v{i - 1}")
-        stages = [  # (the file or folder that marks the step done, the step)
-            (f"questioner_v{i}", lambda out: train_questioner(
+        steps = [  # the five steps, each given the file or folder that marks it done
+            lambda out: train_questioner(
                 run, i, questioner_path=questioner_before, reasoner_path=reasoner_before,
-                out_path=out)),
-            (f"questions_v{i}.jsonl", lambda out: generate_questions(
-                run, i, questioner_path=run.path(f"questioner_v{i}"), out_path=out)),
-            (f"kept_v{i}.jsonl", lambda out: label_questions(
+                out_path=out),
+            lambda out: generate_questions(
+                run, i, questioner_path=run.path(f"questioner_v{i}"), out_path=out),
+            lambda out: label_questions(
                 run, i, reasoner_path=reasoner_before,
                 questions_path=run.path(f"questions_v{i}.jsonl"),
-                labeled_path=run.path(f"labeled_v{i}.jsonl"), kept_path=out)),
-            (f"reasoner_v{i}", lambda out: train_reasoner(
+                labeled_path=run.path(f"labeled_v{i}.jsonl"), kept_path=out),
+            lambda out: train_reasoner(
                 run, i, reasoner_path=reasoner_before, kept_path=run.path(f"kept_v{i}.jsonl"),
-                out_path=out)),
-            (f"eval_v{i}.json", lambda out: evaluate_reasoner(
-                run, i, reasoner_path=run.path(f"reasoner_v{i}"), out_path=out)),
+                out_path=out),
+            lambda out: evaluate_reasoner(
+                run, i, reasoner_path=run.path(f"reasoner_v{i}"), out_path=out),
         ]
-        for name, stage in stages:
-            out = run.path(name)
+        for outputs, step in zip(step_outputs(i), steps):
+            out = run.path(outputs[-1])
             if os.path.exists(out):
-                log.info("[iter %d] %s exists: stage skipped", i, name)
+                log.info("[iter %d] %s exists: stage skipped", i, outputs[-1])
                 continue
-            stage(out)
+            step(out)
+            checkpoint.record_outputs(run.dir, outputs)
             free_memory()  # the stage's models, before the next stage loads its own
         run.clean_leftovers(i)
         summaries.append(iteration_summary(run.dir, i))

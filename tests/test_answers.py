@@ -224,7 +224,7 @@ def test_training_still_requires_the_box():
     ("12", None, "integer"), ("1,234", None, "integer"), ("12 cm", None, "integer"),
     ("3.0", None, "integer"),
     ("2.5", None, "float"), (r"\frac{1}{2}", None, "float"),
-    ("50%", None, "integer"),  # "percentage" is never inferred
+    ("50%", None, "percentage"), (r"12.5\%", None, "percentage"),  # written with %
     ("Eiffel Tower", None, "free_form"), ("true", None, "free_form"),
 ])
 def test_infer_answer_type(reference, choices, expected):
@@ -275,10 +275,19 @@ def test_grade_numbers(response, reference, answer_type):
     assert grade(response, reference)  # the inferred type grades these alike
 
 
-@pytest.mark.parametrize("response, reference", [("50%", "0.5"), ("0.5", "50%"), (r"50\%", "0.5")])
+@pytest.mark.parametrize("response, reference", [("50%", "0.5"), (r"50\%", "0.5")])
 def test_grade_percentage_items_only(response, reference):
     assert grade(response, reference, answer_type="percentage")
-    assert not grade(response, reference)  # inferred integer / float: 50 is not 0.5
+    assert not grade(response, reference)  # inferred float: 50 is not 0.5
+
+
+@pytest.mark.parametrize("response, reference", [("0.25", "25%"), ("25%", "25%"), ("25", "25%"),
+                                                 (r"\boxed{0.25}", r"25\%")])
+def test_grade_a_reference_written_with_percent(response, reference):
+    # 25% is a quarter: declared or inferred (a reference with % is a percentage)
+    assert grade(response, reference, answer_type="percentage")
+    assert grade(response, reference)
+    assert not grade("0.3", reference) and not grade("2.5", reference)
 
 
 def test_grade_percentage_needs_a_percent_sign():
@@ -381,3 +390,64 @@ def test_parse_choices_run_stops_at_skipped_letter():
 
 def test_parse_choices_last_option_text_ends_at_next_mark():
     assert parse_choices("Which colour? A. red B. blue D. green") == ["red", "blue"]
+
+
+# ----------------------------------------------------------------------------
+# Answers a careful grader accepts, in the forms models write them
+
+
+@pytest.mark.parametrize("response, reference", [
+    ("I think it is B, the blue one.", "B"),       # the letter, then the option's text
+    ("It is B, blue.", "B"), ("The answer is B, blue", "B"), ("My answer: (B) blue", "B"),
+    ("Looking again, blue (B)", "B"),               # the text, then the letter in brackets
+    ("So the answer is C) green", "C"),
+])
+def test_grade_an_option_named_by_letter_and_text(response, reference):
+    assert grade(response, reference, MC, "multiple_choice")
+    assert grade(response, reference, MC)  # inferred: choices make it multiple choice
+
+
+@pytest.mark.parametrize("response", [
+    "A, red or B, blue",            # a hedge names two options
+    "It is B, the red one.",        # letter and text disagree: no option named both ways
+    "I think it is blue or green",  # two texts, no letter
+    r"\boxed{B} or \boxed{A}",       # the last box wins: A
+])
+def test_grade_an_option_named_two_ways_stays_wrong(response):
+    assert not grade(response, "B", MC, "multiple_choice")
+    assert not grade(response, "B", MC)
+
+
+@pytest.mark.parametrize("response, reference, answer_type", [
+    (r"\boxed{1\frac{1}{2}}", "1.5", "float"),          # a mixed number: 1 + 1/2
+    (r"1 \dfrac{3}{4}", "7/4", "float"), (r"\boxed{-2\frac{1}{4}}", "-2.25", "float"),
+    (r"\boxed{x = 5}", "5", "integer"),                 # an equation giving the value
+    (r"\boxed{y_1 = 2.5}", "2.5", "float"), (r"$x = \frac{1}{2}$", "0.5", "float"),
+    (r"\boxed{3 \times 10^{3}}", "3000", "integer"),    # scientific notation
+    (r"2.5\cdot 10^{-2}", "0.025", "float"), ("10^6", "1000000", "integer"),
+    (r"\boxed{three}", "3", "integer"),                 # number words
+    ("Twenty-one", "21", "integer"), ("forty two", "42", "integer"),
+    (r"\boxed{3}", "three", "integer"), ("zero", "0", "integer"),
+])
+def test_grade_numbers_as_models_write_them(response, reference, answer_type):
+    assert grade(response, reference, answer_type=answer_type)
+    assert grade(response, reference)  # the inferred type grades these alike
+
+
+@pytest.mark.parametrize("response, reference", [
+    (r"\boxed{x = y + 1}", "1"),        # an equation, not a value
+    (r"\boxed{1\frac{1}{2}}", "1"), (r"1\frac{1}{2}", "0.5"),
+    (r"\boxed{3 \times 10^{2}}", "3000"), ("2^3", "8"),  # a power of another base: not read
+    ("three or four", "3"), ("3 or 4", "3"),           # hedges stay wrong
+    ("three apples", "3"),  # a word number keeps its unit: "three or four" must stay a hedge
+    ("", "3"), ("none", "0"), ("twenty-ten", "30"),
+])
+def test_grade_numbers_as_models_write_them_rejects(response, reference):
+    assert not grade(response, reference)
+    assert not grade(response, reference, answer_type="integer")
+
+
+def test_number_words_and_values_vote_together():
+    """Training votes read the same spellings: three, 3, x = 3 and 3 \times 10^{0} are one
+    answer."""
+    assert majority_vote(["three", "3", "x = 3", r"3 \times 10^{0}", "4"]) == ("three", 0.8)

@@ -366,7 +366,8 @@ def test_torn_checkpoints_are_ignored(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("tear", ["truncated data", "missing data", "missing rng",
-                                  "garbled meta"])
+                                  "garbled meta", "metadata cut to 50%", "metadata cut to 90%",
+                                  "rng cut to 50%"])
 def test_torn_checkpoint_falls_back_with_a_warning_naming_it(tiny_model_dir, tmp_path, caplog,
                                                              tear):
     """A checkpoint renamed into place but torn afterwards (power loss, a full disk) is skipped
@@ -383,8 +384,12 @@ def test_torn_checkpoint_falls_back_with_a_warning_naming_it(tiny_model_dir, tmp
         data.unlink()
     elif tear == "missing rng":
         (newest / "rng_rank0.pt").unlink()
-    else:
+    elif tear == "garbled meta":
         (newest / "meta.json").write_text("{not json")
+    else:  # a pickle cut short: DCP's .metadata or an RNG file
+        torn = newest / (".metadata" if tear.startswith("metadata") else "rng_rank0.pt")
+        whole = torn.read_bytes()
+        torn.write_bytes(whole[:len(whole) * int(tear[-3:-1]) // 100])
     caplog.set_level("WARNING", logger="visplay")
     assert checkpoint.latest(str(tmp_path)) == (2, str(tmp_path / "step_000002"))
     warnings = [r.message for r in caplog.records if "skipping checkpoint" in r.message]

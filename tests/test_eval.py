@@ -176,7 +176,7 @@ def test_json_list_with_alternative_keys_and_base64(tiny, monkeypatch, folder):
     assert items[2].images == [str(folder / "img" / "red.png"), png("green")]
     assert report["bad"] == {"unreadable image": 1}
     assert graded(results) == [("7", "the eiffel tower.", True), ("x2", "B", True),
-                               ("x3", "three", False)]
+                               ("x3", "three", True)]  # a number word is its number
 
 
 def test_json_object_of_rows_mm_vet(tiny, monkeypatch, folder):
@@ -258,7 +258,8 @@ def test_options_in_the_question_mmstar_realworldqa(tiny, monkeypatch, folder):
     items, results, _, stub = run(tiny, monkeypatch, path, responses)
     assert items[0].choices == ["circle", "square", "triangle"]
     assert items[1].choices == ["5 m", "10 m"]  # an option ends at its line's end
-    assert graded(results) == [("1", "Triangle.", True), ("2", "10 m", False), ("3", "Two", False)]
+    assert graded(results) == [("1", "Triangle.", True), ("2", "10 m", False),
+                               ("3", "Two", True)]  # "a single word or number": two is 2
     # options already in the text are not listed twice
     assert tiny[1].tokenizer.decode(stub.prompts[0].input_ids).count("circle") == 1
 
@@ -320,7 +321,7 @@ def test_unreadable_at_evaluation_is_skipped_and_counted(tiny, monkeypatch, fold
 def test_samples_and_majority(tiny, monkeypatch, folder):
     items = [benchmark_files.Item("1", [str(folder / "img" / "red.png")], "How many?", "3",
                                   answer_type="integer")]
-    texts = iter([["\\boxed{3}"], ["\\boxed{4}", "3", "The answer is 3", "four"]])
+    texts = iter([["\\boxed{3}"], ["\\boxed{4}", "3", "The answer is 3", "many"]])
     monkeypatch.setattr(evaluation, "generate", lambda *args, **kwargs: next(texts))
     [row] = evaluation.evaluate(*tiny, items, replace(SETTING, samples=4), progress=False)
     assert (row["correct"] and row["sample_correct"] == [False, True, True, False]

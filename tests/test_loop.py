@@ -297,3 +297,62 @@ def test_informative_filter_band_and_the_yes_no_floor():
     assert ids(visplay.keep_informative(rows, 0.3, 0.8, p_low_yes_no=0.75)) == [0, 2, 5, 8]
     assert ids(visplay.keep_informative(rows, 0.3, 0.8, p_low_yes_no=0.85)) == [0, 2, 8]
     assert ids(visplay.keep_informative(rows, 0.3, 1.0, p_low_yes_no=0.85)) == [0, 2, 3, 6, 8]
+
+
+def _same_outputs(run_a, run_b):
+    """The two runs' files are the same: bytes, but metrics.jsonl without its seconds and
+    config.yaml but its run_dir."""
+    def files(root):
+        return sorted(os.path.relpath(os.path.join(folder, name), root)
+                      for folder, _, names in os.walk(root) for name in names)
+
+    assert files(run_a) == files(run_b)
+    for name in files(run_a):
+        with open(os.path.join(run_a, name), "rb") as a, open(os.path.join(run_b, name), "rb") as b:
+            if name == "config.yaml":  # the same run, only moved
+                assert [line for line in a.read().splitlines() if b"run_dir" not in line] == [
+                    line for line in b.read().splitlines() if b"run_dir" not in line]
+            elif name == "metrics.jsonl":
+                strip = [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds")}
+                         for f in (a, b) for line in f]
+                half = len(strip) // 2
+                assert strip[:half] == strip[half:], name
+            else:
+                assert a.read() == b.read(), name
+
+
+@pytest.mark.parametrize("damage", ["kept cut at a line", "questions cut mid-line",
+                                    "reasoner weights cut", "metrics row torn"])
+def test_a_damaged_output_is_made_again_with_one_warning(damage, finished_run, tmp_path, caplog):
+    """Damage a kill cannot cause but a power loss, a full disk or an edit can: the rerun warns
+    once, naming the file, redoes that stage and what follows, and ends with the undamaged run's
+    files (metrics: a row cut short is dropped when its stage resumes)."""
+    import shutil
+
+    run_dir, overrides, summaries = finished_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy)
+    name = {"kept cut at a line": "kept_v1.jsonl", "questions cut mid-line": "questions_v1.jsonl",
+            "reasoner weights cut": "reasoner_v1/model.safetensors",
+            "metrics row torn": "metrics.jsonl"}[damage]
+    path = os.path.join(copy, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    if damage == "kept cut at a line":
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[:len(lines) // 2])
+    elif damage == "metrics row torn":  # killed in the reasoner stage, then the disk filled up
+        shutil.rmtree(os.path.join(copy, "reasoner_v1"))
+        for evaluation in ("eval_v1.json", "eval_v1_items.jsonl"):
+            os.remove(os.path.join(copy, evaluation))
+        data = data[:-len(data.splitlines()[-1]) // 2]
+    else:
+        data = data[:len(data) * 2 // 3]
+    with open(path, "wb") as f:
+        f.write(data)
+    caplog.set_level("WARNING", logger="visplay")
+    again = visplay.run_loop(load_config("config.yaml", overrides + [f"run_dir={copy}"]))
+    assert again == summaries
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and name.split("/")[0] in warnings[0], warnings
+    _same_outputs(run_dir, copy)

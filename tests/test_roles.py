@@ -56,6 +56,8 @@ def q(kind, question, answer):
     (q("regression", "Share?", "45%"), GeneratedQuestion("regression", "Share?", "45%", None)),
     (q("regression", "Ratio?", "\\frac{1}{2}"),
      GeneratedQuestion("regression", "Ratio?", "\\frac{1}{2}", None)),
+    (q("numerical", "How many?", "three"),  # a number word
+     GeneratedQuestion("numerical", "How many?", "three", None)),
     # text around the tags and newlines between them are fine
     ("Sure! " + q("numerical", "How many?", "4").replace("</type>", "</type>\n") + " done",
      GeneratedQuestion("numerical", "How many?", "4", None)),
@@ -88,8 +90,8 @@ def test_parse_question_uses_first_occurrence_of_each_tag():
     q("numerical", "How many?", ""),                                              # empty answer
     q("open ended", "What is it?", "a circle"),                                   # unknown type
     q("multiple", "Which?", "A"),
-    q("numerical", "How many?", "three"),                                         # not a number
-    q("numerical", "How many?", "three circles"),
+    q("numerical", "How many?", "several"),                                       # not a number
+    q("numerical", "How many?", "three circles"),  # a number word keeps its unit: not read
     q("regression", "What fraction?", "about half"),
     q("numerical", "How many?", "1.2.3"),
 ])

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+import checkpoint
 import distributed
-from config import ConfigError
 from data import load_image, read_pairs, write_jsonl
 from distributed import gathered, my_part
 from eval import evaluate_reasoner
@@ -286,12 +286,8 @@ def train_game(run, pairs, *, start_path, out_path):
 def run_game(cfg):
     """The whole Vision-Zero run: the base evaluated, the game trained, the result evaluated."""
     started = time.perf_counter()
-    run = Run(cfg)
+    run = Run(cfg)  # (checks spy.prompts_per_step against the processes too)
     settings = cfg.spy
-    if settings.prompts_per_step % (settings.updates_per_step * distributed.world_size()):
-        raise ConfigError(f"spy.prompts_per_step ({settings.prompts_per_step}) must be a multiple "
-                          f"of updates_per_step x processes ({settings.updates_per_step} x "
-                          f"{distributed.world_size()})")
     run.check_config()
     pairs = read_pairs(settings.pairs if settings.pairs else toy_pairs(run))
     base = run.base
@@ -299,15 +295,18 @@ def run_game(cfg):
         base = warm_up(run, run.base, run.path("embedded", "game_base"))
     log.info("vision-zero run %s: %d pairs, base %s, %d civilians + 1 spy, %d process(es)",
              run.dir, len(pairs), base, settings.civilians, distributed.world_size())
-    if not os.path.exists(run.path("eval_v0.json")):
-        evaluate_reasoner(run, 0, reasoner_path=base, out_path=run.path("eval_v0.json"))
-        free_memory()
-    if not os.path.exists(run.path("spy_v1")):
-        train_game(run, pairs, start_path=base, out_path=run.path("spy_v1"))
-        free_memory()
-    if not os.path.exists(run.path("eval_v1.json")):
-        evaluate_reasoner(run, 1, reasoner_path=run.path("spy_v1"),
-                          out_path=run.path("eval_v1.json"))
+    outputs = [("eval_v0_items.jsonl", "eval_v0.json"), ("spy_v1",),
+               ("eval_v1_items.jsonl", "eval_v1.json")]  # each step's, the last marking it done
+    checkpoint.check_outputs(run.dir, [name for names in outputs for name in names])
+    steps = [lambda out: evaluate_reasoner(run, 0, reasoner_path=base, out_path=out),
+             lambda out: train_game(run, pairs, start_path=base, out_path=out),
+             lambda out: evaluate_reasoner(run, 1, reasoner_path=run.path("spy_v1"),
+                                           out_path=out)]
+    for names, step in zip(outputs, steps):
+        if not os.path.exists(run.path(names[-1])):
+            step(run.path(names[-1]))
+            checkpoint.record_outputs(run.dir, names)
+            free_memory()
     summaries = [eval_row(run.dir, 0), eval_row(run.dir, 1)]
     if distributed.is_main():
         write_jsonl(run.path("summary.jsonl"), summaries)
