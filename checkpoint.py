@@ -1,5 +1,6 @@
-"""Exact resume: sharded checkpoints inside a GRPO stage (torch.distributed.checkpoint, DCP), and
-the record of every finished stage output, checked before a rerun reuses it.
+"""Exact resume: sharded checkpoints inside a GRPO stage (torch.distributed.checkpoint, DCP), the
+part files generation and labeling resume from (`in_parts`), and the record of every finished
+stage output, checked before a rerun reuses it (`check_outputs`).
 
 A stage saves every `save_every` steps into
 
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import distributed
-from data import move_into_place, write_json
+from data import move_into_place, read_jsonl, write_json, write_jsonl
 
 _STEP = re.compile(r"^step_(\d+)$")
 log = logging.getLogger("visplay")
@@ -234,3 +235,64 @@ def check_outputs(run_dir, names):
             write_json(os.path.join(run_dir, OUTPUTS), records)
     distributed.barrier()
 
+
+# ----------------------------------------------------------------------------
+# Part files: generation and labeling resume at the first missing chunk
+
+
+def in_parts(out_path, chunks, work):
+    """Run work(chunk) -> rows for chunk = 0 .. chunks-1, split over ranks, resumable.
+
+    Each chunk's rows go to OUT.parts/<chunk>.jsonl atomically; a rerun skips the parts that
+    exist. Returns every row in chunk order on rank 0 (None on other ranks); `done_parts` removes
+    the parts folder once the caller has written its results.
+    """
+    folder = out_path + ".parts"
+    os.makedirs(folder, exist_ok=True)
+
+    def part(chunk):
+        return os.path.join(folder, f"{chunk:06d}.jsonl")
+
+    # Only the missing chunks are split over ranks (after a resume, a rank whose share was done
+    # would otherwise wait at the barrier for the others' whole share). Rank 0 lists them, so
+    # every rank splits the same list.
+    missing = [c for c in range(chunks) if not os.path.exists(part(c))] \
+        if distributed.is_main() else []
+    missing = distributed.all_gather_list(missing)
+    if len(missing) < chunks:
+        log.info("%s: reusing %d of %d finished parts from %s", os.path.basename(out_path),
+                 chunks - len(missing), chunks, folder)
+    for chunk in missing[distributed.rank()::distributed.world_size()]:
+        write_jsonl(part(chunk), work(chunk))
+    distributed.barrier()
+    if not distributed.is_main():
+        return None
+    return [row for chunk in range(chunks) for row in read_jsonl(part(chunk))]
+
+
+def done_parts(out_path):
+    """Remove the part files of an output its stage has written."""
+    if distributed.is_main():
+        shutil.rmtree(out_path + ".parts", ignore_errors=True)
+    distributed.barrier()
+
+
+def clean_leftovers(run_dir, iteration):
+    """Remove what a kill can leave behind a finished stage of a VisPlay iteration: the part
+    files of an output already merged, the checkpoints of a stage already exported (and the
+    checkpoints/ folder once empty). A rerun skips such a stage, so nothing else would."""
+    if distributed.is_main():
+        i = iteration
+        for done, leftover in [(f"questions_v{i}.jsonl", f"questions_v{i}.jsonl.parts"),
+                               (f"kept_v{i}.jsonl", f"labeled_v{i}.jsonl.parts"),
+                               (f"questioner_v{i}", f"checkpoints/questioner_v{i}"),
+                               (f"reasoner_v{i}", f"checkpoints/reasoner_v{i}")]:
+            left = os.path.join(run_dir, leftover)
+            for path in (left, left + ".removed"):
+                if os.path.exists(os.path.join(run_dir, done)) and os.path.exists(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                    log.info("removed %s, left by an interrupted run", path)
+        folder = os.path.join(run_dir, "checkpoints")
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+    distributed.barrier()

@@ -13,8 +13,6 @@ bookkeeping and part files. `visplay.py` holds the algorithm; this module what i
 - `Run.open_stage` / `Stage`: a GRPO stage's scaffolding, shared by VisPlay's two roles and the
   spy game: the policy, its frozen reference and optimizer loaded, the newest checkpoint resumed,
   checkpoints while it runs, the export at its end.
-- `Run.in_parts` / `Run.done_parts`: work split into chunks over ranks, each chunk's rows saved as
-  a part file (a killed stage resumes at the first missing part), merged in order by rank 0.
 - `seed_for`, `draw`: the seed of every random choice, from the config's seed and where it is
   made; a seeded draw of indices.
 """
@@ -24,7 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import uuid
 import zlib
 from contextlib import contextmanager
@@ -38,8 +35,7 @@ import checkpoint
 import distributed
 from benchmark_files import load_benchmark
 from config import ConfigError, config_to_dict
-from data import (ImagePool, atomic_path, list_images, load_image, read_jsonl, read_pairs,
-                  write_jsonl)
+from data import ImagePool, atomic_path, list_images, load_image, read_pairs, write_jsonl
 from distributed import gathered, is_sharded, load_into_shards, shard_model
 from grpo import Learner, make_optimizer
 from models.families import family_of, is_vision_parameter
@@ -456,58 +452,3 @@ class Run:
         if distributed.is_main():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-    # ------------------------------------------------------------------ part files
-
-    def in_parts(self, out_path, chunks, work):
-        """Run work(chunk) -> rows for chunk = 0 .. chunks-1, split over ranks, resumable.
-
-        Each chunk's rows go to OUT.parts/<chunk>.jsonl atomically; a rerun skips the parts that
-        exist. Returns every row in chunk order on rank 0 (None on other ranks); `done_parts`
-        removes the parts folder once the caller has written its results.
-        """
-        folder = out_path + ".parts"
-        os.makedirs(folder, exist_ok=True)
-
-        def part(chunk):
-            return os.path.join(folder, f"{chunk:06d}.jsonl")
-
-        # Only the missing chunks are split over ranks (after a resume, a rank whose share was
-        # done would otherwise wait at the barrier for the others' whole share). Rank 0 lists
-        # them, so every rank splits the same list.
-        missing = [c for c in range(chunks) if not os.path.exists(part(c))] \
-            if distributed.is_main() else []
-        missing = distributed.all_gather_list(missing)
-        if len(missing) < chunks:
-            log.info("%s: reusing %d of %d finished parts from %s", os.path.basename(out_path),
-                     chunks - len(missing), chunks, folder)
-        for chunk in missing[distributed.rank()::distributed.world_size()]:
-            write_jsonl(part(chunk), work(chunk))
-        distributed.barrier()
-        if not distributed.is_main():
-            return None
-        return [row for chunk in range(chunks) for row in read_jsonl(part(chunk))]
-
-    def clean_leftovers(self, iteration):
-        """Remove what a kill can leave behind a finished stage of this iteration: the part files
-        of an output already merged, the checkpoints of a stage already exported (and the
-        checkpoints/ folder once empty). A rerun skips such a stage, so nothing else would."""
-        if distributed.is_main():
-            i = iteration
-            for done, leftover in [(f"questions_v{i}.jsonl", f"questions_v{i}.jsonl.parts"),
-                                   (f"kept_v{i}.jsonl", f"labeled_v{i}.jsonl.parts"),
-                                   (f"questioner_v{i}", f"checkpoints/questioner_v{i}"),
-                                   (f"reasoner_v{i}", f"checkpoints/reasoner_v{i}")]:
-                for path in (self.path(leftover), self.path(leftover) + ".removed"):
-                    if os.path.exists(self.path(done)) and os.path.exists(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                        log.info("removed %s, left by an interrupted run", path)
-            folder = self.path("checkpoints")
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
-        distributed.barrier()
-
-    def done_parts(self, out_path):
-        if distributed.is_main():
-            shutil.rmtree(out_path + ".parts", ignore_errors=True)
-        distributed.barrier()

@@ -301,13 +301,13 @@ def generate_questions(run, iteration, *, questioner_path, out_path):
         return rows
 
     with gathered(model):
-        rows = run.in_parts(out_path, -(-len(run.pool) // settings.batch_size), work)
+        rows = checkpoint.in_parts(out_path, -(-len(run.pool) // settings.batch_size), work)
     if distributed.is_main():
         write_jsonl(out_path, rows)
         invalid = sum(not r["valid"] for r in rows)
         log.info("[iter %d generate] %d questions for %d images, %.1f%% invalid", iteration,
                  len(rows), len(run.pool), 100 * invalid / max(len(rows), 1))
-    run.done_parts(out_path)
+    checkpoint.done_parts(out_path)
 
 
 def keep_informative(labeled, p_low, p_high, p_low_yes_no=None):
@@ -349,7 +349,7 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
                  "confidence": vote.confidence} for r, vote in zip(readable, votes)]
 
     with gathered(model):
-        labeled = run.in_parts(labeled_path, -(-len(rows) // settings.batch_size), work)
+        labeled = checkpoint.in_parts(labeled_path, -(-len(rows) // settings.batch_size), work)
     if distributed.is_main():
         kept = keep_informative(labeled, settings.p_low, settings.p_high, settings.p_low_yes_no)
         write_jsonl(labeled_path, labeled)
@@ -357,7 +357,7 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
         note = "" if settings.p_low_yes_no is None else f"; yes/no p >= {settings.p_low_yes_no:.2f}"
         log.info("[iter %d label] %d labeled, %d kept (p in [%.2f, %.2f]%s)", iteration,
                  len(labeled), len(kept), settings.p_low, settings.p_high, note)
-    run.done_parts(labeled_path)
+    checkpoint.done_parts(labeled_path)
 
 
 # ----------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def run_loop(cfg):
             step(out)
             checkpoint.record_outputs(run.dir, outputs)
             free_memory()  # the stage's models, before the next stage loads its own
-        run.clean_leftovers(i)
+        checkpoint.clean_leftovers(run.dir, i)
         summaries.append(iteration_summary(run.dir, i))
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)

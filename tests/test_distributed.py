@@ -486,14 +486,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(kill_when, torn, format_mo
     assert not os.path.exists(os.path.join(killed, "checkpoints", kill_when.split("/")[0]))
 
 
-def test_generation_resumes_at_the_first_missing_part(tmp_path, monkeypatch, format_model_dir,
-                                                      image_dir, benchmark_file):
+def test_generation_resumes_at_the_first_missing_part(tmp_path):
     """A stage split into parts that dies after writing some parts redoes only the missing ones."""
-    from config import load_config
-    from run import Run
-
-    run = Run(load_config(os.path.join(ROOT, "config.yaml"),
-                          _tiny_run(str(tmp_path), format_model_dir, image_dir, benchmark_file)))
     calls = []
 
     def work(chunk):
@@ -504,8 +498,8 @@ def test_generation_resumes_at_the_first_missing_part(tmp_path, monkeypatch, for
 
     out = str(tmp_path / "rows.jsonl")
     with pytest.raises(KeyboardInterrupt):
-        run.in_parts(out, 5, work)
-    rows = run.in_parts(out, 5, work)
+        checkpoint.in_parts(out, 5, work)
+    rows = checkpoint.in_parts(out, 5, work)
     assert calls == [0, 1, 2, 3, 3, 4]
     assert rows == [{"chunk": c, "row": r} for c in range(5) for r in range(2)]
 
@@ -514,17 +508,16 @@ def _parts_worker(model_dir, image_dir, benchmark_file, folder):
     from config import load_config
     from run import Run
 
-    run = Run(load_config(os.path.join(ROOT, "config.yaml"),
-                          _tiny_run(os.path.join(folder, "run"), model_dir, image_dir,
-                                    benchmark_file)
-                          + ["device=cpu", "questioner.prompts_per_step=4"]))
+    Run(load_config(os.path.join(ROOT, "config.yaml"),  # joins the process group
+                    _tiny_run(os.path.join(folder, "run"), model_dir, image_dir, benchmark_file)
+                    + ["device=cpu", "questioner.prompts_per_step=4"]))
     done = []
 
     def work(chunk):
         done.append(chunk)
         return [{"chunk": chunk}]
 
-    rows = run.in_parts(os.path.join(folder, "rows.jsonl"), 6, work)
+    rows = checkpoint.in_parts(os.path.join(folder, "rows.jsonl"), 6, work)
     torch.save({"done": done, "rows": rows},
                os.path.join(folder, f"parts_rank{distributed.rank()}.pt"))
 
