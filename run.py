@@ -1,9 +1,11 @@
-"""A run's machinery: its directory and sources, its models on disk and in memory, resume
-bookkeeping and part files. `visplay.py` holds the algorithm; this module what its stages need.
+"""A run's machinery: its directory and sources, its models on disk and in memory, its stages'
+scaffolding and metrics. `visplay.py` holds the algorithm; this module what its stages need
+(`checkpoint.py` what a rerun resumes from).
 
 - `Run`: the resolved config, the run directory, the device, the image pool and the benchmarks.
-  Every path the config names is checked first (`check_sources`), before any expensive work
-  (building the embedded default's world, loading a model).
+  Every path the config names is checked first (`check_sources`), then the run directory
+  (`check_run_dir`), before anything is written or any expensive work starts (building the
+  embedded default's world, loading a model).
 - `Run.load_model` / `Run.export` / `Run.autocast`: a checkpoint folder in (a policy in fp32
   master weights, a frozen model in model.dtype), sharded over ranks under torchrun (FSDP2); a
   `save_pretrained` folder out in fp32, written by rank 0, atomically; bf16 compute for an fp32
