@@ -1,4 +1,4 @@
-"""perf/bench_real_shapes.py: its memory prediction against hand-worked numbers for the real
+"""bench/bench_real_shapes.py: its memory prediction against hand-worked numbers for the real
 3B shape (no 3B weights are ever built: parameters are counted on the meta device), and a CPU
 smoke run of the whole benchmark on the tiny shape, OOM paths included."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "perf"))
+                                "bench"))
 import bench_real_shapes as bench  # noqa: E402
 
 GIB = 2**30
@@ -131,7 +131,7 @@ def test_cpu_smoke_writes_the_table(tmp_path, capsys, one_thread):
         float(cells[7])  # decode tokens per second
         assert cells[9].startswith("- / ") and cells[10].startswith("- / ")  # CPU: not measured
     text = path.read_text()
-    assert "`python perf/bench_real_shapes.py " + " ".join(argv) + "`" in text
+    assert "`python bench/bench_real_shapes.py " + " ".join(argv) + "`" in text
     assert f"torch {torch.__version__}" in text and "device: CPU" in text
     assert all(line in text for line in printed)
     assert "| shape | image | image tokens |" in text

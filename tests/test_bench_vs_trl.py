@@ -1,4 +1,4 @@
-"""perf/bench_vs_trl.py on a tiny model: both sides run, alternate, get byte-identical
+"""bench/bench_vs_trl.py on a tiny model: both sides run, alternate, get byte-identical
 prompts and generate the same token count. Skipped where TRL is not installed (CI: TRL is not a
 project requirement)."""
 
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("trl")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "perf"))
+                                "bench"))
 import bench_vs_trl as bench  # noqa: E402
 
 

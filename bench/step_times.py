@@ -1,6 +1,6 @@
 """Seconds per GRPO step of a finished (or running) run, from its metrics.jsonl.
 
-    python perf/step_times.py runs/default
+    python bench/step_times.py runs/default
 
 Prints a markdown table: per iteration and stage, the number of steps and the mean seconds spent
 sampling (rollout), scoring (rewards, including the frozen reasoner's answers for the questioner)

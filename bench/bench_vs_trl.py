@@ -37,8 +37,8 @@ Per step (the first `--warmup` steps of each side are dropped), split where each
            too); update: the rest of the step (batch fetch, forward, backward, clip, AdamW,
            scheduler, callbacks).
 
-    python perf/bench_vs_trl.py                       # 14M and 37M, G 4 and 8, beta 0, 0.04
-    python perf/bench_vs_trl.py --sizes 14M --groups 4 --betas 0 --steps 5
+    python bench/bench_vs_trl.py                       # 14M and 37M, G 4 and 8, beta 0, 0.04
+    python bench/bench_vs_trl.py --sizes 14M --groups 4 --betas 0 --steps 5
 
 The default matrix takes about 10.5 minutes on 2 quiet CPU cores. Two processes of 2 threads on 2
 cores stall each other far beyond their share (steps 5-10x slower), hence the load check.

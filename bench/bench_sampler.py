@@ -4,8 +4,8 @@ GRPO samples G completions per (image, prompt). `sampler.sample` prefills each p
 copies its KV cache to the G rows; the alternatives prefill the image and prompt G times. The gap
 grows with the number of image tokens, which is why real images (500-5000 tokens) make it matter.
 
-    python perf/bench_sampler.py                  # CPU defaults: prints a markdown table
-    python perf/bench_sampler.py --device cuda --hidden 1024 --layers 8 --image 896
+    python bench/bench_sampler.py                  # CPU defaults: prints a markdown table
+    python bench/bench_sampler.py --device cuda --hidden 1024 --layers 8 --image 896
 
 Models are random (built from a config, no download); every method decodes exactly `--new-tokens`
 tokens (EOS is disabled) so they do the same amount of decoding work.

@@ -1,6 +1,6 @@
 """Time the Questioner's diversity penalty at the sizes of one GRPO step.
 
-    python perf/bench_diversity.py
+    python bench/bench_diversity.py
 
 Prints a markdown table: seconds for bleu_distance_matrix, average_linkage_clusters
 and diversity_penalty, and the peak traced (numpy + Python) memory of

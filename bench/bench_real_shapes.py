@@ -1,8 +1,8 @@
 """Cost of one GRPO step at real Qwen2.5-VL 3B / 7B shapes, with random weights (no download).
 
-    python perf/bench_real_shapes.py --shape tiny --repeats 1      # CPU smoke test
-    python perf/bench_real_shapes.py --shape 3b,7b --write BENCHMARKS.md   # one GPU
-    python perf/bench_real_shapes.py --shape 3b --predict-only     # memory plan, no weights
+    python bench/bench_real_shapes.py --shape tiny --repeats 1      # CPU smoke test
+    python bench/bench_real_shapes.py --shape 3b,7b --write BENCHMARKS.md   # one GPU
+    python bench/bench_real_shapes.py --shape 3b --predict-only     # memory plan, no weights
 
 Why random weights: what a step costs (time and memory) depends on the shapes (layers, widths,
 vocabulary, image tokens, completion length), not on the values, so a model built from a
@@ -509,7 +509,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
-    command = "python perf/bench_real_shapes.py " + shlex.join(argv)
+    command = "python bench/bench_real_shapes.py " + shlex.join(argv)
     reference = "on (kl_coef 0.01)" if args.reference else "off"
     settings = (f"G {args.group_size}, micro-batch {args.micro_batch_size}, prefill tokens "
                 f"{args.prefill_tokens}, reference {reference}, shared prefix "
