@@ -247,14 +247,14 @@ def load_benchmark(path, layout="auto", report=None):
     rows = read_rows(path)
     layout = detect_layout(rows) if layout == "auto" else layout
     base = os.path.dirname(os.path.abspath(path))
-    items, bad = [], Counter()
+    items, bad, skipped = [], Counter(), []
     for number, (where, row) in enumerate(rows):
         try:
             items.append(item_from_row(row, base, number, yes_no=layout == "yesno"))
         except BadRow as error:
             bad[str(error)] += 1
             if bad[str(error)] <= 5:
-                log.warning("%s: skipped: %s", where, error)
+                skipped.append(f"{where}: skipped: {error}")
     counts = ", ".join(f"{reason} {count}" for reason, count in sorted(bad.items()))
     if report is not None:
         report.update(path=path, layout=layout, rows=len(rows), items=len(items),
@@ -266,6 +266,8 @@ def load_benchmark(path, layout="auto", report=None):
             f"({counts or 'no rows'}); a row needs a question ({', '.join(QUESTION_KEYS)}), an "
             f"answer ({', '.join(ANSWER_KEYS)}) and an image ({', '.join(IMAGE_KEYS)}, or "
             f"image_1 ...); the rows have the keys {', '.join(found) or 'none'}")
+    for line in skipped:  # (a file with no usable row says it all in its one error line)
+        log.warning(line)
     log.info("%s: %d items (%s layout)%s", path, len(items), layout,
              f", skipped {counts}" if bad else "")
     return items

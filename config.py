@@ -145,6 +145,14 @@ class SpyConfig(StageConfig):
 
 
 @dataclass
+class LoggingConfig:
+    """Where the run's numbers go besides metrics.jsonl (always written): `tracking.py`."""
+    backends: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, tensorboard, wandb
+    wandb_project: str = "visplay"
+    wandb_mode: str = "offline"       # offline (sync later: `wandb sync RUN/wandb/...`) | online
+
+
+@dataclass
 class Config:
     method: str = "visplay"           # visplay | vision-zero (the spy game, section spy)
     seed: int = 0
@@ -161,6 +169,7 @@ class Config:
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     spy: SpyConfig = field(default_factory=SpyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 class ConfigError(ValueError):
@@ -237,6 +246,12 @@ def _check(cfg):
             raise ConfigError(f"{key}: {what}")
 
     need(cfg.method in ("visplay", "vision-zero"), "method", "must be visplay or vision-zero")
+    backends = ("jsonl", "tensorboard", "wandb")
+    need(set(cfg.logging.backends) <= set(backends) and "jsonl" in cfg.logging.backends,
+         "logging.backends", f"must list jsonl (metrics.jsonl is always written) and any of "
+         f"{', '.join(backends[1:])}, got {cfg.logging.backends}")
+    need(cfg.logging.wandb_mode in ("offline", "online"), "logging.wandb_mode",
+         "must be offline or online")
     need(cfg.iterations >= 1, "iterations", "must be >= 1")
     need(cfg.save_every >= 0, "save_every", "must be >= 0 (0: no checkpoints inside a stage)")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")

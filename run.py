@@ -10,8 +10,8 @@ scaffolding and metrics. `visplay.py` holds the algorithm; this module what its 
   master weights, a frozen model in model.dtype), sharded over ranks under torchrun (FSDP2); a
   `save_pretrained` folder out in fp32, written by rank 0, atomically; bf16 compute for an fp32
   policy in one process.
-- `Run.restart_metrics` / `Run.log_metrics`: metrics.jsonl, one row per GRPO step, the same after
-  a resume as without one.
+- `Run.restart_metrics` / `Run.log_metrics` / `Run.log_summaries`: metrics.jsonl, one row per GRPO
+  step, the same after a resume as without one, and the logging backends (`tracking.py`).
 - `Run.open_stage` / `Stage`: a GRPO stage's scaffolding, shared by VisPlay's two roles and the
   spy game: the policy, its frozen reference and optimizer loaded, the newest checkpoint resumed,
   checkpoints while it runs, the export at its end.
@@ -45,6 +45,7 @@ from models.inputs import special_tokens
 from models.load import check_model_dir, load_vlm, save_vlm
 from models.logprobs import FORWARD_METHODS
 from sampler import Limits
+from tracking import Tracker, check_backends
 
 log = logging.getLogger("visplay")
 
@@ -207,6 +208,7 @@ class Run:
                     f"{role}.prompts_per_step ({stage.prompts_per_step}) must be a multiple of "
                     f"updates_per_step x processes ({stage.updates_per_step} x "
                     f"{distributed.world_size()}): every rank takes an equal share of every update")
+        check_backends(cfg)  # an optional package the logging needs is missing: say so now
         if cfg.model.cpu_offload and not distributed.active():
             raise ConfigError("model.cpu_offload: works under torchrun only (FSDP2 offloads the "
                               "sharded weights); in one process turn on "
@@ -232,6 +234,8 @@ class Run:
             image_paths = image_paths[:cfg.data.max_images]
         self.pool = ImagePool(image_paths or [], cfg.model.min_pixels, cfg.model.max_pixels)
         self.metrics_path = self.path("metrics.jsonl")
+        self.tracker = Tracker(cfg, self.dir) if distributed.is_main() else None
+        self.logged = 0  # rows in metrics.jsonl: the next row's global step (`restart_metrics`)
         self._check_shared()
 
     def _embedded_world(self):
@@ -278,14 +282,16 @@ class Run:
         """Save the resolved config; refuse to resume a run directory made with another config.
 
         What may change on a rerun: how long it runs (iterations), where and how it runs (run_dir,
-        device, timeout_minutes, save_every), and eval.* while no evaluation was written with the
-        old one. Anything else would make the finished stages disagree with config.yaml."""
+        device, timeout_minutes, save_every), where its numbers go (logging.*), and eval.* while
+        no evaluation was written with the old one. Anything else would make the finished stages
+        disagree with config.yaml."""
         path = self.path("config.yaml")
         current = config_to_dict(self.cfg)
         if os.path.exists(path):
             with open(path) as f:
                 previous = yaml.safe_load(f) or {}
-            free = ("iterations", "run_dir", "device", "timeout_minutes", "save_every", "eval")
+            free = ("iterations", "run_dir", "device", "timeout_minutes", "save_every", "eval",
+                    "logging")
             changed = _first_difference({k: v for k, v in previous.items() if k not in free},
                                         {k: v for k, v in current.items() if k not in free})
             if changed is not None:
@@ -449,8 +455,22 @@ class Run:
                                             and r.get("stage") == stage
                                             and r.get("step", 0) >= from_step)]
             write_jsonl(self.metrics_path, rows)
+            self.logged = len(rows)
 
     def log_metrics(self, row):
+        """Append one GRPO step's row to metrics.jsonl, and to the logging backends at its global
+        step (its index in metrics.jsonl)."""
         if distributed.is_main():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.tracker.log(row, self.logged)
+            self.logged += 1
+
+    def log_summaries(self, summaries):
+        """The per-iteration summary rows so far, to the logging backends (`tracking.Tracker`)."""
+        if distributed.is_main():
+            self.tracker.log_summaries(summaries, self.logged)
+
+    def close_logging(self):
+        if distributed.is_main():
+            self.tracker.close()

@@ -1,12 +1,19 @@
-"""A run's summary: one row per iteration, read from the files its stages wrote, and the tables the
-run prints at the end (`visplay.run_loop` writes the rows to RUN/summary.jsonl).
+"""A run's summary: one row per iteration, read from the files its stages wrote, the tables the
+run prints at the end (`visplay.run_loop` writes the rows to RUN/summary.jsonl), and its plots.
+
+    python summary.py RUN                            # the run's tables again
+    python summary.py RUN --plot                     # PNG figures in RUN/plots/
+    python summary.py --compare RUN_A RUN_B --out DIR  # the runs overlaid, in DIR/
 
 Everything here is read back from the run directory, so a resumed run reports exactly what an
-uninterrupted one does.
+uninterrupted one does. The plots need matplotlib (requirements-extras.txt).
 """
 
+import argparse
+import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -90,3 +97,149 @@ def format_summary(summaries):
             cells = " | ".join(fmt(by.get(c), "%.1f", 100) for c in categories)
             lines.append(f"| {s['iteration']} | {cells} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Plots
+
+CURVES = ("reward_mean", "kl", "entropy", "response_length_mean")  # per step, per stage
+
+
+def read_run(run_dir):
+    """(summary rows, metrics rows) of a run directory; summary rows from summary.jsonl."""
+    with open(os.path.join(run_dir, "summary.jsonl")) as f:
+        summaries = [json.loads(line) for line in f if line.strip()]
+    metrics = []
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+    return summaries, metrics
+
+
+def _axes(rows, columns):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    return plt, figure, axes.flatten()
+
+
+def plot_run(run_dir, out_dir):
+    """PNG figures of one run: held-out accuracy per iteration by benchmark and category
+    (iterations.png), the questions per iteration (questions.png: kept, the filter's yield,
+    invalid and distinct rates, silver-label accuracy when the rows have it), and the step curves
+    of each stage (steps.png). Returns the paths written."""
+    summaries, metrics = read_run(run_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    benches = list(summaries[0]["eval"])
+    plt, figure, axes = _axes(1, len(benches))
+    for axis, bench in zip(axes, benches):
+        iterations = [s["iteration"] for s in summaries]
+        axis.plot(iterations, [100 * s["eval"][bench]["accuracy"] for s in summaries], "k-o",
+                  label="all", linewidth=2)
+        categories = sorted({c for s in summaries for c in s["eval"][bench]["by_category"]})
+        for category in categories if len(categories) > 1 else []:
+            axis.plot(iterations, [100 * s["eval"][bench]["by_category"].get(category, np.nan)
+                                   for s in summaries], "--.", label=category)
+        axis.set(title=f"{bench}: greedy accuracy", xlabel="iteration", ylabel="%")
+        axis.legend(fontsize=7)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    written.append(_save(plt, figure, out_dir, "iterations.png"))
+    trained = [s for s in summaries if "kept" in s]
+    if trained:
+        keys = ["kept", "yield", "invalid_rate", "distinct_ratio", "silver_accuracy"]
+        keys = [k for k in keys if k == "yield" or any(k in s for s in trained)]
+        plt, figure, axes = _axes(1, len(keys))
+        for axis, key in zip(axes, keys):
+            values = [s["kept"] / s["labeled"] if key == "yield" and s.get("labeled")
+                      else s.get(key, np.nan) if key != "yield" else np.nan for s in trained]
+            axis.plot([s["iteration"] for s in trained], values, "o-")
+            axis.set(title=key if key != "yield" else "yield (kept / labeled)",
+                     xlabel="iteration")
+            axis.xaxis.get_major_locator().set_params(integer=True)
+        written.append(_save(plt, figure, out_dir, "questions.png"))
+    if metrics:
+        plt, figure, axes = _axes(1, len(CURVES))
+        for axis, key in zip(axes, CURVES):
+            for stage in sorted({m["stage"] for m in metrics}):
+                points = [(step, m[key]) for step, m in enumerate(metrics)
+                          if m["stage"] == stage and key in m]
+                axis.plot(*zip(*points), ".", markersize=3, label=stage) if points else None
+            axis.set(title=key, xlabel="GRPO step (metrics.jsonl row)")
+            axis.legend(fontsize=7)
+        written.append(_save(plt, figure, out_dir, "steps.png"))
+    return written
+
+
+def plot_compare(run_dirs, out_dir):
+    """The runs overlaid: held-out accuracy per iteration for every benchmark they share
+    (compare_iterations.png) and each stage's reward per step (compare_steps.png)."""
+    runs = {os.path.basename(os.path.normpath(d)) or d: read_run(d) for d in run_dirs}
+    os.makedirs(out_dir, exist_ok=True)
+    benches = [b for b in next(iter(runs.values()))[0][0]["eval"]
+               if all(b in s[0][0]["eval"] for s in runs.values())]
+    plt, figure, axes = _axes(1, max(len(benches), 1))
+    for axis, bench in zip(axes, benches):
+        for name, (summaries, _) in runs.items():
+            axis.plot([s["iteration"] for s in summaries],
+                      [100 * s["eval"][bench]["accuracy"] for s in summaries], "o-", label=name)
+        axis.set(title=f"{bench}: greedy accuracy", xlabel="iteration", ylabel="%")
+        axis.legend(fontsize=7)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    written = [_save(plt, figure, out_dir, "compare_iterations.png")]
+    stages = sorted({m["stage"] for _, metrics in runs.values() for m in metrics})
+    if stages:
+        plt, figure, axes = _axes(1, len(stages))
+        for axis, stage in zip(axes, stages):
+            for name, (_, metrics) in runs.items():
+                rewards = [m["reward_mean"] for m in metrics if m["stage"] == stage]
+                axis.plot(range(len(rewards)), rewards, "-", label=name)
+            axis.set(title=f"{stage}: reward", xlabel=f"{stage} step (all iterations)")
+            axis.legend(fontsize=7)
+        written.append(_save(plt, figure, out_dir, "compare_steps.png"))
+    return written
+
+
+def _save(plt, figure, out_dir, name):
+    path = os.path.join(out_dir, name)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(argv=None):
+    """Command line: print a run's tables, plot it, or plot several runs together."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", help="a run directory")
+    parser.add_argument("--plot", action="store_true", help="write RUN/plots/*.png")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", help="runs to overlay")
+    parser.add_argument("--out", help="folder for the figures (default RUN/plots, or "
+                                      "runs/compare with --compare)")
+    args = parser.parse_args(argv)
+    runs = args.compare or ([args.run] if args.run else [])
+    if not runs:
+        parser.error("give a run directory, or --compare RUN_A RUN_B ...")
+    for run in runs:
+        if not os.path.isfile(os.path.join(run, "summary.jsonl")):
+            sys.exit(f"error: {run}: no summary.jsonl (not a run directory, or no iteration "
+                     "finished yet)")
+    if (args.plot or args.compare) and importlib.util.find_spec("matplotlib") is None:
+        sys.exit("error: plotting needs the package matplotlib: pip install -r "
+                 "requirements-extras.txt")
+    if args.compare:
+        written = plot_compare(runs, args.out or os.path.join("runs", "compare"))
+    elif args.plot:
+        written = plot_run(args.run, args.out or os.path.join(args.run, "plots"))
+    else:
+        print(format_summary(read_run(args.run)[0]))
+        return
+    print("\n".join(written))
+
+
+if __name__ == "__main__":
+    main()

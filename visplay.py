@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import checkpoint
 import distributed
@@ -63,6 +64,7 @@ from roles import parse_question, questioner_prompt, reasoner_prompt
 from run import Run, draw, free_memory, seed_for
 from sampler import Sampling, decode, rollout
 from summary import format_summary, iteration_summary
+from tracking import progress, time_left
 
 log = logging.getLogger("visplay")
 
@@ -222,6 +224,8 @@ def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
                            label=f"iter {iteration} {role}")
     policy, tokens = stage.learner.policy, stage.learner.tokens
     run.restart_metrics(iteration, role, from_step=stage.start)
+    bar = progress(settings.steps, stage.start, f"iter {iteration} {role}",
+                   show=distributed.is_main())
     for step in range(stage.start, settings.steps):
         with run.autocast():  # bf16 compute of the fp32 policy: weights cast once per rollout
             batch = make_batch(policy=policy, processor=stage.processor, tokens=tokens, step=step)
@@ -237,6 +241,8 @@ def train_stage(run, role, iteration, *, start_path, out_path, make_batch):
                  metrics["seconds_sampling"], metrics["seconds_scoring"],
                  metrics["seconds_training"])
         stage.save(step + 1)
+        bar.update(1)
+    bar.close()
     stage.finish()
 
 
@@ -364,6 +370,10 @@ def label_questions(run, iteration, *, reasoner_path, questions_path, labeled_pa
 # The loop and the command line
 
 
+STEP_NAMES = ["questioner stage", "question generation", "silver labels", "reasoner stage",
+              "evaluation"]
+
+
 def step_outputs(iteration):
     """What each step of an iteration writes, in the order the run makes it: per step, its
     outputs, the last of which marks the step done (iteration 0: the base's evaluation)."""
@@ -393,6 +403,7 @@ def run_loop(cfg):
     else:
         log.info("[iter 0] eval_v0.json exists: the base's evaluation is reused")
     summaries = [iteration_summary(run.dir, 0)]
+    durations = {}  # {step name: [seconds, ...]} of the steps this process ran: the time left
     for i in range(1, cfg.iterations + 1):
         questioner_before = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
         reasoner_before = run.base if i == 1 else run.path(f"reasoner_v{i - 1}")
@@ -412,18 +423,25 @@ def run_loop(cfg):
             lambda out: evaluate_reasoner(
                 run, i, reasoner_path=run.path(f"reasoner_v{i}"), out_path=out),
         ]
-        for outputs, step in zip(step_outputs(i), steps):
+        for k, (outputs, step) in enumerate(zip(step_outputs(i), steps)):
             out = run.path(outputs[-1])
             if os.path.exists(out):
                 log.info("[iter %d] %s exists: stage skipped", i, outputs[-1])
                 continue
+            remaining = STEP_NAMES[k:] + STEP_NAMES * (cfg.iterations - i)
+            log.info("[iteration %d of %d, stage %d of 5: %s] %s", i, cfg.iterations, k + 1,
+                     STEP_NAMES[k], time_left(durations, remaining))
+            began = time.perf_counter()
             step(out)
+            durations.setdefault(STEP_NAMES[k], []).append(time.perf_counter() - began)
             checkpoint.record_outputs(run.dir, outputs)
             free_memory()  # the stage's models, before the next stage loads its own
         checkpoint.clean_leftovers(run.dir, i)
         summaries.append(iteration_summary(run.dir, i))
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)
+        run.log_summaries(summaries)
+    run.close_logging()
     if distributed.is_main():
         log.info("done in %.1f s", time.perf_counter() - started)
         print(format_summary(summaries))
@@ -447,11 +465,12 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         torch.manual_seed(cfg.seed)
-        if cfg.method == "vision-zero":  # the spy game (vision_zero/train.py)
-            from vision_zero.train import run_game
-            run_game(cfg)
-        else:
-            run_loop(cfg)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            if cfg.method == "vision-zero":  # the spy game (vision_zero/train.py)
+                from vision_zero.train import run_game
+                run_game(cfg)
+            else:
+                run_loop(cfg)
         distributed.close()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

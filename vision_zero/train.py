@@ -35,6 +35,7 @@ from models.inputs import encode_prompt
 from run import Run, draw, free_memory, seed_for
 from sampler import Sampling, concat_rollouts, decode, rollout
 from summary import eval_row, format_summary
+from tracking import progress
 from vision_zero import rules
 from vision_zero.warmup import toy_pairs, warm_up
 
@@ -244,6 +245,7 @@ def train_game(run, pairs, *, start_path, out_path):
         switch.load_state_dict(stage.extra["switch"])
     run.restart_metrics(1, "spy", from_step=stage.start)
     skipped, mismatched = 0, set()  # unreadable games; pairs whose images differ in size
+    bar = progress(settings.steps, stage.start, "spy", show=distributed.is_main())
     for step in range(stage.start, settings.steps):
         started = time.perf_counter()
         order = draw(seed_for(run.cfg.seed, "spy-pairs", step), len(pairs),
@@ -280,6 +282,8 @@ def train_game(run, pairs, *, start_path, out_path):
                  metrics["kl"], next_phase, seconds_playing, metrics["seconds_training"])
         stage.save(step + 1, extra={"baselines": baselines.state_dict(),
                                     "switch": switch.state_dict()})
+        bar.update(1)
+    bar.close()
     stage.finish()
 
 
@@ -308,6 +312,8 @@ def run_game(cfg):
             checkpoint.record_outputs(run.dir, names)
             free_memory()
     summaries = [eval_row(run.dir, 0), eval_row(run.dir, 1)]
+    run.log_summaries(summaries)
+    run.close_logging()
     if distributed.is_main():
         write_jsonl(run.path("summary.jsonl"), summaries)
         log.info("done in %.1f s", time.perf_counter() - started)
