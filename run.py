@@ -235,7 +235,10 @@ class Run:
         self.pool = ImagePool(image_paths or [], cfg.model.min_pixels, cfg.model.max_pixels)
         self.metrics_path = self.path("metrics.jsonl")
         self.tracker = Tracker(cfg, self.dir) if distributed.is_main() else None
-        self.logged = 0  # rows in metrics.jsonl: the next row's global step (`restart_metrics`)
+        self.logged = 0  # rows in metrics.jsonl: the next row's global step
+        if distributed.is_main() and os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as f:
+                self.logged = sum(1 for line in f if line.strip())
         self._check_shared()
 
     def _embedded_world(self):
@@ -469,7 +472,7 @@ class Run:
     def log_summaries(self, summaries):
         """The per-iteration summary rows so far, to the logging backends (`tracking.Tracker`)."""
         if distributed.is_main():
-            self.tracker.log_summaries(summaries, self.logged)
+            self.tracker.log_summaries(summaries)
 
     def close_logging(self):
         if distributed.is_main():

@@ -79,9 +79,9 @@ class Tracker:
         self.tensorboard = self.wandb = None
         self.wandb_last = None
 
-    def _open(self, step):
-        """The backends, opened at the first row this process logs (`step`): TensorBoard drops
-        what an interrupted process logged from there on."""
+    def _open_tensorboard(self, step):
+        """TensorBoard's writer of the steps' series, opened at the first row this process logs
+        (`step`): what an interrupted process logged from there on is dropped (purge_step)."""
         if "tensorboard" in self.backends and self.tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -89,6 +89,8 @@ class Tracker:
                                              purge_step=step)
             self.tensorboard.add_text("config", "```\n" + json.dumps(
                 config_to_dict(self.cfg), indent=1) + "\n```", global_step=step)
+
+    def _open_wandb(self):
         if "wandb" in self.backends and self.wandb is None:
             import wandb
 
@@ -113,7 +115,8 @@ class Tracker:
         """One metrics row at global step `step`."""
         if not self.backends:
             return
-        self._open(step)
+        self._open_tensorboard(step)
+        self._open_wandb()
         values = scalars(row)
         if self.tensorboard is not None:
             for name, value in values.items():
@@ -125,13 +128,13 @@ class Tracker:
             with open(os.path.join(self.dir, "wandb", "last_step"), "w") as f:
                 f.write(str(step))
 
-    def log_summaries(self, summaries, step):
+    def log_summaries(self, summaries):
         """The summary rows so far (one per iteration). TensorBoard's summary series is written
         anew each time (RUN/tensorboard/summary), so a rerun never shows an iteration twice;
         W&B gets the iterations it has not had, along its own axis (summary/iteration)."""
         if not self.backends:
             return
-        self._open(step)
+        self._open_wandb()
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter
 

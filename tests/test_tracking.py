@@ -45,6 +45,8 @@ def test_tensorboard_scalars_equal_metrics_after_a_sigkill_and_a_resume(
                                               "step_000002"))
     resumed = run_cli(overrides)
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+    again = run_cli(overrides)  # every stage done: the rerun must leave the series as they are
+    assert again.wait() == 0, again.stderr.read().decode()[-2000:]
     rows = _rows(run_dir)
     expected = {}
     for step, row in enumerate(rows):
