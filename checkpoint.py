@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import distributed
-from data import move_into_place, read_jsonl, write_json, write_jsonl
+from data import move_into_place, read_jsonl, remove_path, write_json, write_jsonl
 
 _STEP = re.compile(r"^step_(\d+)$")
 log = logging.getLogger("visplay")
@@ -225,9 +225,7 @@ def check_outputs(run_dir, names):
                 log.warning("%s is not what the run wrote (cut short or changed): it is made "
                             "again, and every output after it", path)
                 for later in names[index:]:
-                    shutil.rmtree(os.path.join(run_dir, later), ignore_errors=True)
-                    if os.path.isfile(os.path.join(run_dir, later)):
-                        os.remove(os.path.join(run_dir, later))
+                    remove_path(os.path.join(run_dir, later))
                     records.pop(later, None)
                 changed = True
                 break

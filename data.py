@@ -200,11 +200,11 @@ def atomic_path(path):
     """
     path = os.path.normpath(path)
     tmp = path + ".tmp"
-    _remove(tmp)
+    remove_path(tmp)
     try:
         yield tmp
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
     move_into_place(tmp, path)
 
@@ -227,10 +227,10 @@ def move_into_place(tmp, path):
         _fsync(tmp)
     if os.path.isdir(tmp) and os.path.exists(path):
         old = path + ".old"
-        _remove(old)
+        remove_path(old)
         os.replace(path, old)
         os.replace(tmp, path)
-        _remove(old)
+        remove_path(old)
     else:
         os.replace(tmp, path)
     _fsync(os.path.dirname(path) or ".")
@@ -245,7 +245,7 @@ def _fsync(path):
         os.close(descriptor)
 
 
-def _remove(path):
+def remove_path(path):
     """Delete a file or a folder if it exists."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)

@@ -52,6 +52,12 @@ def iteration_summary(run_dir, iteration):
     return eval_row(run_dir, iteration, row)
 
 
+def question_yield(row):
+    """The informative filter's yield of an iteration: the share of its labeled questions kept
+    (None before any question was labeled)."""
+    return row["kept"] / row["labeled"] if row.get("labeled") else None
+
+
 def eval_row(run_dir, iteration, row=None):
     """`row` (default {"iteration": iteration}) with eval_v{iteration}.json's scores under
     "eval"."""
@@ -154,9 +160,9 @@ def plot_run(run_dir, out_dir):
         keys = [k for k in keys if k == "yield" or any(k in s for s in trained)]
         plt, figure, axes = _axes(1, len(keys))
         for axis, key in zip(axes, keys):
-            values = [s["kept"] / s["labeled"] if key == "yield" and s.get("labeled")
-                      else s.get(key, np.nan) if key != "yield" else np.nan for s in trained]
-            axis.plot([s["iteration"] for s in trained], values, "o-")
+            values = [question_yield(s) if key == "yield" else s.get(key) for s in trained]
+            axis.plot([s["iteration"] for s in trained],
+                      [np.nan if v is None else v for v in values], "o-")
             axis.set(title=key if key != "yield" else "yield (kept / labeled)",
                      xlabel="iteration")
             axis.xaxis.get_major_locator().set_params(integer=True)
@@ -167,7 +173,8 @@ def plot_run(run_dir, out_dir):
             for stage in sorted({m["stage"] for m in metrics}):
                 points = [(step, m[key]) for step, m in enumerate(metrics)
                           if m["stage"] == stage and key in m]
-                axis.plot(*zip(*points), ".", markersize=3, label=stage) if points else None
+                if points:
+                    axis.plot(*zip(*points), ".", markersize=3, label=stage)
             axis.set(title=key, xlabel="GRPO step (metrics.jsonl row)")
             axis.legend(fontsize=7)
         written.append(_save(plt, figure, out_dir, "steps.png"))

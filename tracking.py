@@ -28,6 +28,7 @@ import zlib
 from tqdm import tqdm
 
 from config import ConfigError, config_to_dict
+from summary import question_yield
 
 log = logging.getLogger("visplay")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it needs
@@ -64,9 +65,17 @@ def summary_scalars(row):
                 "distinct_ratio", "mean_pairwise_bleu"):
         if row.get(key) is not None:
             out[f"summary/{key}"] = float(row[key])
-    if row.get("labeled"):
-        out["summary/yield"] = row["kept"] / row["labeled"]  # the filter's share kept
+    if question_yield(row) is not None:
+        out["summary/yield"] = question_yield(row)
     return out
+
+
+def _last(path):
+    """The step or iteration W&B last got, as kept in `path` (-1: none yet)."""
+    if not os.path.isfile(path):
+        return -1
+    with open(path) as f:
+        return int(f.read())
 
 
 class Tracker:
@@ -108,8 +117,7 @@ class Tracker:
                 self.wandb.define_metric(f"{stage}/*", step_metric="global_step")
             self.wandb.define_metric("summary/iteration")
             self.wandb.define_metric("summary/*", step_metric="summary/iteration")
-            path = os.path.join(folder, "last_step")
-            self.wandb_last = int(open(path).read()) if os.path.isfile(path) else -1
+            self.wandb_last = _last(os.path.join(folder, "last_step"))
 
     def log(self, row, step):
         """One metrics row at global step `step`."""
@@ -147,7 +155,7 @@ class Tracker:
             writer.close()
         if self.wandb is not None:
             path = os.path.join(self.dir, "wandb", "last_iteration")
-            done = int(open(path).read()) if os.path.isfile(path) else -1
+            done = _last(path)
             for row in summaries:
                 if row["iteration"] > done:
                     self.wandb.log({"summary/iteration": row["iteration"],
