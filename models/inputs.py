@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.families import family_of
+from models.split_attention import split_groups, split_mask
 
 
 @dataclass
@@ -130,21 +131,24 @@ def group_rows(prompts):
     return groups
 
 
-def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
+def collate_groups(model, prompts, tokens, completion_ids, completion_mask, *, split=False):
     """Model inputs that encode each prompt ONCE for all its completions (shared-prefix training).
 
     prompts: one `Prompt` per completion row; consecutive rows with the same Prompt object form a
-    group (G completions of one prompt). Each group becomes one sequence: its prompt, then its
-    completions one after another in slots of T columns, left-padded to the longest sequence. A
-    completion attends to the prompt and causally to itself only, and its rope positions continue
-    the prompt's (the family's positions), exactly as if it were alone after its prompt; so
-    every completion token sees what it sees in `collate`'s one-row-per-completion batch, but the
-    prompt (image included) is computed once, and its gradient gathers all G completions'.
+    group (G completions of one prompt). Each group becomes one sequence: its prompt in the first
+    P columns (left-padded, as `collate` pads), then its completions one after another in slots of
+    T columns (a group with fewer rows than the largest, cut by a micro-batch, ends with empty
+    slots). A completion attends to the prompt and causally to itself only, and its rope positions
+    continue the prompt's (the family's positions), exactly as if it were alone after its prompt;
+    so every completion token sees what it sees in `collate`'s one-row-per-completion batch, but
+    the prompt (image included) is computed once, and its gradient gathers all G completions'.
 
-    Returns (inputs, gather): inputs as `collate`'s, with a boolean attention mask [B, 1, L, L]
-    (True: may attend), or for a family with sliding-window layers one mask per attention type
-    (`_masks_per_layer_type`); gather [n, T] the flat index (into B x L) of the hidden state that
-    predicts each completion token.
+    Returns (inputs, gather): inputs as `collate`'s, with as attention mask either (`split`) a
+    `split_attention.split_mask`, for a model whose text layers run `split_attention` (the
+    prompt, then each completion against the prompt and itself), or a dense boolean mask
+    [B, 1, L, L] (True: may attend), one per attention type for a family with sliding-window
+    layers (`_masks_per_layer_type`); gather [n, T] the flat index (into B x L) of the hidden state
+    that predicts each completion token.
     """
     device = model_device(model)
     family = family_of(model)
@@ -152,45 +156,49 @@ def collate_groups(model, prompts, tokens, completion_ids, completion_mask):
     base = collate(model, [prompt for prompt, _ in groups], tokens)  # prompts left-padded
     width = completion_ids.shape[1]
     prompt_width = base["input_ids"].shape[1]
-    length = prompt_width + max(len(rows) for _, rows in groups) * width
+    slots = max(len(rows) for _, rows in groups)
+    length = prompt_width + slots * width
     n_groups = len(groups)
-    input_ids = torch.full((n_groups, length), tokens.pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((n_groups, length), dtype=torch.bool, device=device)
-    segment = torch.full((n_groups, length), -1, dtype=torch.long, device=device)  # 0: prompt
+    input_ids = torch.full((n_groups, slots, width), tokens.pad_id, dtype=torch.long,
+                           device=device)
+    valid = torch.zeros((n_groups, slots, width), dtype=torch.bool, device=device)
     # [3, B, P] multimodal rope or [1, B, P] 1-D positions
     base_positions = base["position_ids"].view(-1, *base["input_ids"].shape)
-    position_ids = torch.ones((len(base_positions), n_groups, length), dtype=torch.long,
-                              device=device)
-    gather = torch.zeros(completion_ids.shape, dtype=torch.long, device=device)
+    next_position = base_positions.amax(dim=(0, 2)) + 1  # [B]: each prompt's largest + 1
     steps = torch.arange(width, device=device)
+    position_ids = (next_position[:, None, None] + steps).expand(len(base_positions), -1, slots,
+                                                                 -1)
+    gather = torch.zeros(completion_ids.shape, dtype=torch.long, device=device)
     completion_ids = completion_ids.to(device)
     completion_mask = completion_mask.to(device).bool()
     for g, (_, rows) in enumerate(groups):
-        start = length - prompt_width - len(rows) * width  # left padding of this sequence
-        prompt_end = start + prompt_width
-        input_ids[g, start:prompt_end] = base["input_ids"][g]
-        valid[g, start:prompt_end] = base["attention_mask"][g].bool()
-        segment[g, start:prompt_end] = 0
-        position_ids[:, g, start:prompt_end] = base_positions[:, g]
-        next_position = base_positions[:, g].max() + 1
+        input_ids[g, :len(rows)] = completion_ids[rows]
+        valid[g, :len(rows)] = completion_mask[rows]
         for slot, row in enumerate(rows):
-            first = prompt_end + slot * width
-            input_ids[g, first:first + width] = completion_ids[row]
-            valid[g, first:first + width] = completion_mask[row]
-            segment[g, first:first + width] = slot + 1
-            position_ids[:, g, first:first + width] = next_position + steps
+            first = prompt_width + slot * width
             # the state before token 0 is the prompt's last; before token t, token t - 1's
-            gather[row] = g * length + torch.cat([steps[:1] + prompt_end - 1,
+            gather[row] = g * length + torch.cat([steps[:1] + prompt_width - 1,
                                                   first + steps[:-1]])
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
-    mask = causal & valid.unsqueeze(1) & ((key == 0) | (key == query))
-    mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding attends to itself
-    mask = mask.unsqueeze(1)
+    prompt_valid = base["attention_mask"].bool()
+    input_ids = torch.cat([base["input_ids"], input_ids.flatten(1)], dim=1)
+    position_ids = torch.cat([base_positions, position_ids.flatten(2)], dim=2)
     if family.rope != "mrope":
         position_ids = position_ids[0]
-    if family.shared_prefix == "mask per layer type":
-        mask = _masks_per_layer_type(model, mask, input_ids, position_ids, tokens, family)
+    if split:
+        mask = split_mask(split_groups(prompt_valid, valid))
+    else:
+        segment = torch.cat([torch.zeros((n_groups, prompt_width), dtype=torch.long,
+                                         device=device),
+                             (torch.arange(slots, device=device) + 1).repeat_interleave(width)
+                             .expand(n_groups, -1)], dim=1)  # 0: prompt, s + 1: slot s
+        query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+        causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
+        keys = torch.cat([prompt_valid, valid.flatten(1)], dim=1).unsqueeze(1)
+        mask = causal & keys & ((key == 0) | (key == query))
+        mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding attends to itself
+        mask = mask.unsqueeze(1)
+        if family.shared_prefix == "mask per layer type":
+            mask = _masks_per_layer_type(model, mask, input_ids, position_ids, tokens, family)
     inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                   pixel_values=base["pixel_values"],
                   **{name: base[name] for name in family.image_inputs})

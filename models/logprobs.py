@@ -3,12 +3,14 @@
 `completion_logprobs` runs the model over prompts and their completions and projects only the
 completion positions to the vocabulary, a chunk at a time (recomputed in backward), so
 [n, P + T, vocab] logits never exist at once. With `shared_prefix`, consecutive rows of one prompt
-share one encoding of it (`inputs.collate_groups`; Qwen3.5 through its prompt cache,
-`prompt_cache.py`): a group of G costs P + G x T positions instead of G x (P + T), vision tower
-included. The GRPO step scores with it (`grpo.score_rollout`) and trains with it
+share one encoding of it (`inputs.collate_groups`, whose attention `split_attention.py` computes
+as the prompt once plus each completion against its prompt and itself; Qwen3.5 through its prompt
+cache, `prompt_cache.py`): a group of G costs P + G x T positions instead of G x (P + T), vision
+tower included. The GRPO step scores with it (`grpo.score_rollout`) and trains with it
 (`grpo.grpo_update`); the toy base is pretrained with it.
 """
 
+import logging
 import math
 from functools import partial
 
@@ -18,7 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 from models.families import family_of
 from models.inputs import collate, collate_groups, collate_prompt_cache
+from models import split_attention
 from models.prompt_cache import prompt_cache_hidden
+
+log = logging.getLogger("visplay")
 
 
 def _token_logprobs(hidden, lm_head_weight, targets, *, temperature, banned_ids, with_entropy,
@@ -81,6 +86,29 @@ def completion_forward(model, batch, targets, *, temperature, banned_ids, chunk_
     return torch.cat(logprobs, dim=1), entropy
 
 
+_logged = set()
+
+
+def shared_prefix_attention(model):
+    """How a packed group's attention runs for this model: "split" (`split_attention`, the text
+    layers switched to it on first use), "dense" (one 4D boolean mask per attention type: Gemma's
+    sliding-window and image-block layers), or None: the text layers run an attention that takes
+    no boolean 4D mask (`model.attn_implementation` eager or flash_attention_2), so training scores
+    one row per completion. Logged once per family and choice."""
+    family = family_of(model)
+    text = model.config.get_text_config()._attn_implementation
+    if family.shared_prefix == "mask" and split_attention.install(model):
+        choice, why = "split", "each prompt once, each completion against its prompt and itself"
+    elif text in ("sdpa", split_attention.NAME):
+        choice, why = "dense", f"{family.name}'s layers need a mask per attention type"
+    else:
+        choice, why = None, f"{text} attention takes no 4D boolean mask"
+    if (family.name, choice) not in _logged:
+        _logged.add((family.name, choice))
+        log.info("shared prefix: %s (%s)", choice or "one row per completion", why)
+    return choice
+
+
 # The methods FSDP2 must run as forwards of the root (`distributed.shard_model`).
 FORWARD_METHODS = {"completion_forward": completion_forward}
 
@@ -94,7 +122,9 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
     projected to the vocabulary, `chunk_size` positions at a time, and under autograd each chunk is
     recomputed in backward, so [n, P + T, vocab] (or even [n, T, vocab]) logits never exist at once.
     shared_prefix: consecutive rows of one Prompt share one encoding of it (`collate_groups`): a
-    group of G costs P + G x T positions instead of G x (P + T), vision tower included. (Qwen3.5:
+    group of G costs P + G x T positions instead of G x (P + T), vision tower included, and its
+    attention P^2 + G T (P + T) pairs (`split_attention`; Gemma's layers keep one dense mask
+    per attention type, (P + G T)^2). (Qwen3.5:
     through the prompts' cache, `prompt_cache.py`; one row per completion when its layers are
     checkpointed in training.)
     """
@@ -107,8 +137,9 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
         shared_prefix = through_cache = False
     if through_cache:
         batch = collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask)
-    elif shared_prefix:
-        batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask)
+    elif shared_prefix and (attention := shared_prefix_attention(model)):
+        batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask,
+                                       split=attention == "split")
     else:
         batch = collate(model, prompts, tokens, completion_ids=completion_ids,
                         completion_mask=completion_mask)
