@@ -12,7 +12,8 @@ Given a sampled rollout batch (`sampler.rollout`) and one reward per completion:
    k3 KL to the frozen reference, token-mean or seq-mean-token-mean.
 4. `grpo_update`: the batch is split into `updates_per_step` mini-batches, each one AdamW step after
    gradient accumulation over micro-batches, grad-norm clipping, and a skipped step when the norm
-   is not finite.
+   is not finite. Without a KL term, rows whose advantage is exactly 0 (a group whose rewards are
+   all equal) add nothing to the loss: `trained_rows` leaves them out of the forward and backward.
 `train_step` runs 1-4 for one rollout batch (`RolloutBatch`) with a stage's models and optimizer
 (`Learner`) and returns the step's metrics.
 
@@ -26,7 +27,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 import distributed
@@ -149,48 +149,58 @@ class Experience:
 
 
 @torch.no_grad()
-def score_rollout(learner, prompts, sampled, advantages, cfg, fresh_rows=0):
-    """Old-policy log-probs and entropy of rows [fresh_rows, N) of the rollout `sampled` and
+def score_rollout(learner, prompts, sampled, advantages, cfg, fresh_rows=0, trained=None):
+    """Old-policy log-probs and entropy of the rollout `sampled` (but the fresh rows) and
     reference log-probs of every row (no grad), micro-batch by micro-batch; returns an
     `Experience`.
 
     prompts: the `Prompt` of each prompt index of `sampled`; advantages: [N], one per completion.
     fresh_rows: the first mini-batch's rows, which the first update trains on with the policy that
     sampled them; `grpo_update` fills their old log-probs from its own forward, detached (the same
-    numbers a separate forward would give, so the ratio there is 1 either way).
+    numbers a separate forward would give, so the ratio there is 1 either way). trained: [N] bool,
+    the rows the update will train on (`trained_rows`); a fresh row it skips is scored here.
     """
     policy, reference, tokens = learner.policy, learner.reference, learner.tokens
-    old, ref, entropy = [], [], []
     rows, width = sampled.completion_ids.shape
+    device = sampled.completion_ids.device
+    old, entropy = torch.zeros((rows, width), device=device), torch.zeros((rows, width),
+                                                                          device=device)
+    ref = torch.zeros((rows, width), device=device) if reference is not None else None
+    from_update = torch.arange(rows, device=device) < fresh_rows  # old log-probs: the update's
+    if trained is not None:
+        from_update &= trained.to(device)
 
-    def padded(x):  # back to the batch's width, for [N, T] tensors
-        return F.pad(x, (0, width - x.shape[1]))
+    def score(model, index, **options):
+        micro_prompts = [prompts[i] for i in sampled.prompt_index[index].tolist()]
+        ids, mask = _trimmed(sampled.completion_ids[index], sampled.completion_mask[index])
+        logprobs, token_entropy = completion_logprobs(
+            model, micro_prompts, ids, mask, tokens=tokens, temperature=cfg.temperature,
+            chunk_size=cfg.logprob_chunk, shared_prefix=cfg.shared_prefix, **options)
+        return ids.shape[1], logprobs.to(device), token_entropy
 
     with learner.on_device(reference) if reference is not None else nullcontext():
         for start in range(0, rows, cfg.micro_batch_size):
-            rows_here = slice(start, start + cfg.micro_batch_size)
-            micro_prompts = [prompts[i] for i in sampled.prompt_index[rows_here].tolist()]
-            ids, mask = _trimmed(sampled.completion_ids[rows_here],
-                                 sampled.completion_mask[rows_here])
+            index = torch.arange(start, min(start + cfg.micro_batch_size, rows), device=device)
             with learner.autocast():
-                if start + cfg.micro_batch_size > fresh_rows:  # not all fresh: score them
-                    logprobs, token_entropy = completion_logprobs(
-                        policy, micro_prompts, ids, mask, tokens=tokens,
-                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
-                        with_entropy=True, shared_prefix=cfg.shared_prefix)
-                else:
-                    logprobs = token_entropy = torch.zeros(ids.shape, device=ids.device)
-                old.append(padded(logprobs))
-                entropy.append(padded(token_entropy))
+                scored = index[~from_update[index]]
+                if len(scored):
+                    columns, logprobs, token_entropy = score(policy, scored, with_entropy=True)
+                    old[scored, :columns] = logprobs
+                    entropy[scored, :columns] = token_entropy.to(device)
                 if reference is not None:
-                    ref.append(padded(completion_logprobs(
-                        reference, micro_prompts, ids, mask, tokens=tokens,
-                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
-                        shared_prefix=cfg.shared_prefix)[0]))
-    old = torch.cat(old)
-    return Experience(prompts, sampled, advantages.to(old.device), old,
-                      torch.cat(ref) if ref else None, torch.cat(entropy).to(old.device),
-                      fresh_rows)
+                    columns, logprobs, _ = score(reference, index)
+                    ref[index, :columns] = logprobs
+    return Experience(prompts, sampled, advantages.to(device), old, ref, entropy, fresh_rows)
+
+
+def trained_rows(advantages, cfg):
+    """[N] bool: the rows an update must train on. Without a KL term (kl_coef 0) a row whose
+    advantage is exactly 0 (every row of a group whose rewards are all equal) adds exactly 0 to
+    the loss and to every gradient, so its forward and backward are skipped; the loss is still
+    normalised by all the mini-batch's tokens or sequences, so the update is the same."""
+    if cfg.kl_coef == 0:
+        return advantages != 0
+    return torch.ones_like(advantages, dtype=torch.bool)
 
 
 def scoring_stats(experience):
@@ -237,7 +247,7 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
-def grpo_update(learner, experience, cfg):
+def grpo_update(learner, experience, cfg, trained=None):
     """`cfg.updates_per_step` optimizer updates of the learner's policy over one scored rollout
     batch (one pass, in order).
 
@@ -263,14 +273,17 @@ def grpo_update(learner, experience, cfg):
         num_tokens, num_sequences = distributed.all_reduce_sum(
             [sampled.completion_mask[first:last].sum().item(), last - first])
         optimizer.zero_grad(set_to_none=True)
-        for start in range(first, last, cfg.micro_batch_size):
-            rows_here = slice(start, min(start + cfg.micro_batch_size, last))
+        index = torch.arange(first, last, device=sampled.completion_ids.device)
+        if trained is not None:
+            index = index[trained[first:last].to(index.device)]
+        for start in range(0, len(index), cfg.micro_batch_size):
+            rows_here = index[start:start + cfg.micro_batch_size]
             micro_prompts = [experience.prompts[i]
                              for i in sampled.prompt_index[rows_here].tolist()]
             ids, mask = _trimmed(sampled.completion_ids[rows_here],
                                  sampled.completion_mask[rows_here])
             width = ids.shape[1]
-            fresh = update == 0 and start < experience.fresh_rows  # the sampling policy's rows
+            fresh = update == 0 and int(rows_here[0]) < experience.fresh_rows  # sampler's policy
             with learner.autocast():  # the forward only: backward and the step outside it
                 logprobs, entropy = completion_logprobs(
                     policy, micro_prompts, ids, mask, tokens=learner.tokens,
@@ -323,21 +336,31 @@ def train_step(learner, batch, cfg):
 
     batch: a `RolloutBatch` (rewards [N] grouped as its rollout is; advantages, when given, are
     used as they are). cfg: the stage's settings (`config.StageConfig`). Returns metrics (reward,
-    advantage, length, timing, loss, KL, clip fractions, grad norm).
+    advantage, length, timing, loss, KL, clip fractions, grad norm; the share of groups with
+    no gradient, `zero_advantage_groups`, and of rows trained on, `rows_trained`).
     """
     started = time.perf_counter()
     rewards, advantages = batch.rewards, batch.advantages
     if advantages is None:
         advantages = group_advantages(rewards.float(), cfg.group_size)  # groups never span ranks
     advantages = advantages.float()
+    trained = trained_rows(advantages, cfg)
     experience = score_rollout(learner, batch.prompts, batch.sampled, advantages, cfg,
-                               fresh_rows=len(advantages) // cfg.updates_per_step)
-    metrics = grpo_update(learner, experience, cfg)
+                               fresh_rows=len(advantages) // cfg.updates_per_step,
+                               trained=trained)
+    metrics = grpo_update(learner, experience, cfg, trained=trained)
     metrics.update(scoring_stats(experience))
     sampled = batch.sampled
     rows = zip(rewards.float().tolist(), advantages.tolist(),
                sampled.completion_mask.sum(-1).float().tolist())
     reward, advantage, length = torch.tensor(distributed.all_gather_list(rows)).T  # every rank's
+    # groups (the samples of one prompt) whose advantages are all 0: no policy gradient
+    groups, index = torch.unique(sampled.prompt_index.cpu(), return_inverse=True)
+    moving = torch.zeros(len(groups)).index_add_(0, index, (advantages.cpu() != 0).float())
+    n_groups, zero_groups, rows_trained = distributed.all_reduce_sum(
+        [len(groups), (moving == 0).sum().item(), trained.sum().item()])
+    metrics.update({"zero_advantage_groups": zero_groups / n_groups,
+                    "rows_trained": rows_trained / len(reward)})
     metrics.update({"reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
                     "advantage_std": advantage.std().item(),
                     "response_length_mean": length.mean().item(),

@@ -962,3 +962,65 @@ def test_gradient_accumulation_equals_whole_mini_batch(tiny, prompts, loss_agg):
         compared += int(clear.sum())
         torch.testing.assert_close(b[clear], a[clear], rtol=0, atol=1e-2 * cfg.lr)
     assert compared > 0.9 * sum(g.numel() for g in gradient)  # nearly every weight is compared
+
+
+@pytest.mark.parametrize("updates_per_step", [1, 2])
+def test_zero_advantage_rows_are_skipped_exactly(tiny, prompts, monkeypatch, updates_per_step):
+    """Without KL, rows of a group whose rewards are all equal (advantage exactly 0) get no forward
+    or backward in the update; the step (plain SGD at lr 1: the gradient itself), the loss and the
+    old log-probs of every row (the skipped fresh rows scored separately) equal those of training
+    on every row. Rewards: 3 prompts x G 4, the middle group all 1.0: zero_advantage_groups 1/3,
+    rows_trained 8/12."""
+    base, _, tokens = tiny
+    cfg = stage_config(updates_per_step=updates_per_step, micro_batch_size=3, max_new_tokens=6,
+                       grad_clip=1e9, kl_coef=0.0)
+    eos_tokens = with_common_eos(tokens)
+    sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6)
+    sampled = sample(base, prompts, group_size=4, sampling=sampling, tokens=eos_tokens,
+                     generator=torch.Generator().manual_seed(4))
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.2])
+    batch = grpo.RolloutBatch(prompts, sampled, rewards)
+    trained_rows = []
+    real = grpo.completion_logprobs
+
+    def counting(model, prompts, completion_ids, completion_mask, **kwargs):
+        if torch.is_grad_enabled():
+            trained_rows.append(completion_ids.shape[0])
+        return real(model, prompts, completion_ids, completion_mask, **kwargs)
+
+    monkeypatch.setattr(grpo, "completion_logprobs", counting)
+
+    def step(skip):
+        if not skip:
+            monkeypatch.setattr(grpo, "trained_rows",
+                                lambda advantages, cfg: torch.ones_like(advantages, dtype=bool))
+        model = trainable_copy(base)
+        before = parameters(model)
+        trained_rows.clear()
+        learner = grpo.Learner(model, torch.optim.SGD(model.parameters(), lr=1.0), None,
+                               eos_tokens)
+        metrics = grpo.train_step(learner, batch, cfg)
+        return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics, sum(
+            trained_rows)
+
+    skipped, skipped_metrics, skipped_rows = step(True)
+    every, every_metrics, every_rows = step(False)
+    assert (skipped_rows, every_rows) == (8, 12)
+    assert skipped_metrics["zero_advantage_groups"] == pytest.approx(1 / 3)
+    assert skipped_metrics["rows_trained"] == pytest.approx(8 / 12)
+    assert every_metrics["rows_trained"] == 1.0
+    assert skipped_metrics["loss"] == pytest.approx(every_metrics["loss"], abs=1e-7)
+    assert skipped_metrics["entropy"] == pytest.approx(every_metrics["entropy"], rel=1e-5)
+    assert max(d.abs().max().item() for d in every) > 1e-4  # a real step was taken
+    for a, b in zip(every, skipped):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # atol: ulp of the weights
+
+
+def test_zero_advantage_rows_are_trained_when_kl_pulls_them(tiny, prompts):
+    """With a KL term every row adds to the loss: none is skipped."""
+    cfg = stage_config(kl_coef=0.1)
+    advantages = grpo.group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)
+    assert advantages.tolist()[:2] == [0.0, 0.0]
+    assert grpo.trained_rows(advantages, cfg).all()
+    assert grpo.trained_rows(advantages, stage_config(kl_coef=0.0)).tolist() == [
+        False, False, True, True]
