@@ -163,6 +163,13 @@ def make_prompts(config, ids, side, count, generator):
     return prompts
 
 
+def bench_tokens(ids):
+    """The `Tokens` of a shape's special ids: nothing ends a row (every row decodes exactly
+    its new tokens), vision placeholders are never sampled."""
+    return Tokens(pad_id=ids["endoftext"], eos_ids=[],
+                  banned_ids=[ids[name] for name in VISION_IDS], image_token_id=ids["image_pad"])
+
+
 # ----------------------------------------------------------------------------
 # Memory prediction
 
@@ -313,9 +320,7 @@ def run_case(model, reference, optimizer, *, config, ids, side, new_tokens, args
     image_tokens, prompt_tokens = prompt_layout(config, side)
     generator = torch.Generator().manual_seed(side * 100003 + new_tokens)
     prompts = make_prompts(config, ids, side, args.prompts, generator)
-    tokens = Tokens(pad_id=ids["endoftext"], eos_ids=[],  # nothing ends a row
-                    banned_ids=[ids[name] for name in VISION_IDS],
-                    image_token_id=ids["image_pad"])
+    tokens = bench_tokens(ids)
     cfg = ReasonerConfig(group_size=args.group_size, prompts_per_step=args.prompts,
                          updates_per_step=1, micro_batch_size=args.micro_batch_size,
                          max_new_tokens=new_tokens, kl_coef=0.01 if reference else 0.0,
