@@ -178,12 +178,17 @@ def score_rollout(learner, prompts, sampled, advantages, cfg, fresh_rows=0, trai
             chunk_size=cfg.logprob_chunk, shared_prefix=cfg.shared_prefix, **options)
         return ids.shape[1], logprobs.to(device), token_entropy
 
+    starts = range(0, rows, cfg.micro_batch_size)
+    # a micro-batch's policy forward runs on every rank if one rank needs it (FSDP2's collectives)
+    needed = distributed.all_reduce_sum(
+        [float((~from_update[start:start + cfg.micro_batch_size]).any()) for start in starts])
     with learner.on_device(reference) if reference is not None else nullcontext():
-        for start in range(0, rows, cfg.micro_batch_size):
+        for start, need in zip(starts, needed):
             index = torch.arange(start, min(start + cfg.micro_batch_size, rows), device=device)
             with learner.autocast():
                 scored = index[~from_update[index]]
-                if len(scored):
+                if need:
+                    scored = scored if len(scored) else index  # (the update overwrites these)
                     columns, logprobs, token_entropy = score(policy, scored, with_entropy=True)
                     old[scored, :columns] = logprobs
                     entropy[scored, :columns] = token_entropy.to(device)
@@ -201,6 +206,22 @@ def trained_rows(advantages, cfg):
     if cfg.kl_coef == 0:
         return advantages != 0
     return torch.ones_like(advantages, dtype=torch.bool)
+
+
+def rows_to_forward(index, trained, micro_batch_size):
+    """The rows of one mini-batch (`index`, [n]) an update forwards: those `trained` ([n] bool)
+    marks, in order. At least one micro-batch always runs (an update with no trained row still
+    takes its optimizer step from a zero gradient, as it would without the skip), and under
+    data parallelism every rank runs as many micro-batches as the busiest (FSDP2 gathers and
+    reduces per forward and backward): a rank with fewer trained rows adds skipped ones, which
+    add exactly 0."""
+    keep = trained.to(index.device)
+    micro_batches = distributed.all_gather_list([math.ceil(int(keep.sum()) / micro_batch_size)])
+    at_least = (max(max(micro_batches), 1) - 1) * micro_batch_size + 1  # rows for that many
+    missing = at_least - int(keep.sum())
+    if missing > 0:
+        keep = keep | (torch.cumsum((~keep).long(), 0) <= missing)  # the first skipped rows
+    return index[keep]
 
 
 def scoring_stats(experience):
@@ -275,7 +296,7 @@ def grpo_update(learner, experience, cfg, trained=None):
         optimizer.zero_grad(set_to_none=True)
         index = torch.arange(first, last, device=sampled.completion_ids.device)
         if trained is not None:
-            index = index[trained[first:last].to(index.device)]
+            index = rows_to_forward(index, trained[first:last], cfg.micro_batch_size)
         for start in range(0, len(index), cfg.micro_batch_size):
             rows_here = index[start:start + cfg.micro_batch_size]
             micro_prompts = [experience.prompts[i]

@@ -122,8 +122,9 @@ def _update_worker(model_dir, folder):
     local_index = torch.tensor([mine.index(int(data["prompt_index"][r])) for r in rows])
     local = Rollout(local_index, data["completion_ids"][rows], data["completion_mask"][rows],
                     data["logprobs"][rows])
+    cfg = ReasonerConfig(**data["cfg"]) if "cfg" in data else None
     model, metrics = _update(model_dir, [prompts[i] for i in mine], local, data["rewards"][rows],
-                             sharded=True)
+                             sharded=True, cfg=cfg)
     state = _full_state(model)
     if distributed.is_main():
         torch.save({"state": state, "metrics": metrics}, os.path.join(folder, "sharded.pt"))
@@ -161,6 +162,41 @@ def test_one_grpo_update_under_fsdp2_equals_single_process(tiny_model_dir, tmp_p
                 "clip_frac_high", "response_length_mean", "entropy"):
         assert sharded["metrics"][key] == pytest.approx(single_metrics[key], abs=1e-5), key
         assert shared_metrics[key] == pytest.approx(single_metrics[key], abs=1e-5), key
+
+
+def test_zero_advantage_skip_under_fsdp2_equals_single_process(tiny_model_dir, tmp_path):
+    """Without a KL term the update skips rows whose advantage is 0; here rank 0's second
+    mini-batch is one such group while rank 1's is trained, so the ranks would run different
+    numbers of forwards (a hang under FSDP2) unless rank 0 forwards skipped rows too. 2 gloo
+    ranks equal one process: weights and metrics."""
+    model, processor = load_vlm(tiny_model_dir)
+    prompts = _prompts(processor)
+    sampled = sample(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6),
+                     tokens=special_tokens(processor, model),
+                     generator=torch.Generator().manual_seed(0))
+    rewards = torch.tensor([1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 1.0])  # prompt 2 (rank 0): no signal
+    cfg = dict(prompts_per_step=4, group_size=2, updates_per_step=2, micro_batch_size=1, lr=1.0,
+               grad_clip=0.05, kl_coef=0.0, temperature=1.0, loss_agg="token-mean",
+               logprob_chunk=3)
+    torch.save({"prompt_index": sampled.prompt_index, "completion_ids": sampled.completion_ids,
+                "completion_mask": sampled.completion_mask, "logprobs": sampled.logprobs,
+                "rewards": rewards, "cfg": cfg},
+               tmp_path / "batch.pt")
+    single, single_metrics = _update(tiny_model_dir, prompts, sampled, rewards, sharded=False,
+                                     cfg=ReasonerConfig(**cfg))
+    spawn_two(_update_worker, tiny_model_dir, str(tmp_path))
+    sharded = torch.load(tmp_path / "sharded.pt")
+    before = model.state_dict()
+    moved = 0
+    for name, value in single.state_dict().items():
+        assert torch.allclose(sharded["state"][name], value, atol=1e-5, rtol=0), name
+        moved += not torch.equal(value, before[name])
+    assert moved > 10
+    assert single_metrics["rows_trained"] == 0.75
+    assert single_metrics["zero_advantage_groups"] == 0.25
+    for key in ("loss", "grad_norm", "reward_mean", "entropy", "rows_trained",
+                "zero_advantage_groups"):
+        assert sharded["metrics"][key] == pytest.approx(single_metrics[key], abs=1e-5), key
 
 
 # ----------------------------------------------------------------------------- gathered statistics

@@ -1024,3 +1024,40 @@ def test_zero_advantage_rows_are_trained_when_kl_pulls_them(tiny, prompts):
     assert grpo.trained_rows(advantages, cfg).all()
     assert grpo.trained_rows(advantages, stage_config(kl_coef=0.0)).tolist() == [
         False, False, True, True]
+
+
+def test_rows_to_forward_by_hand():
+    """The trained rows, at least one micro-batch (the first rows when none is trained)."""
+    index = torch.arange(10, 15)
+    trained = torch.tensor([False, True, False, False, True])
+    assert grpo.rows_to_forward(index, trained, 2).tolist() == [11, 14]  # 1 micro-batch
+    assert grpo.rows_to_forward(index, trained, 1).tolist() == [11, 14]  # 2 micro-batches
+    assert grpo.rows_to_forward(index, torch.zeros(5, dtype=torch.bool), 2).tolist() == [10]
+    assert grpo.rows_to_forward(index, torch.ones(5, dtype=torch.bool), 2).tolist() == [
+        10, 11, 12, 13, 14]
+
+
+def test_a_mini_batch_with_nothing_to_learn_still_steps_adamw(tiny, prompts, monkeypatch):
+    """3 updates of one group each, the middle group's rewards all equal: its update has no
+    gradient but AdamW still steps (momentum, weight decay) from a zero gradient, as it does
+    when every row is trained. Same weights after the step, skipped or not."""
+    base, _, tokens = tiny
+    cfg = stage_config(updates_per_step=3, micro_batch_size=4, max_new_tokens=6, kl_coef=0.0)
+    eos_tokens = with_common_eos(tokens)
+    sampled = sample(base, prompts, group_size=4,
+                     sampling=Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6),
+                     tokens=eos_tokens, generator=torch.Generator().manual_seed(4))
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.2])
+    batch = grpo.RolloutBatch(prompts, sampled, rewards)
+    weights = []
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(grpo, "trained_rows",
+                                lambda advantages, cfg: torch.ones_like(advantages, dtype=bool))
+        model = trainable_copy(base)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        metrics = grpo.train_step(grpo.Learner(model, optimizer, None, eos_tokens), batch, cfg)
+        weights.append(parameters(model))
+        assert metrics["zero_advantage_groups"] == pytest.approx(1 / 3)
+    for skipped, every in zip(*weights):
+        torch.testing.assert_close(skipped, every, rtol=0, atol=1e-7)
