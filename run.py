@@ -42,7 +42,7 @@ from distributed import gathered, is_sharded, load_into_shards, shard_model
 from grpo import Learner, make_optimizer
 from models.families import family_of, is_vision_parameter
 from models.inputs import special_tokens
-from models.load import check_model_dir, load_vlm, save_vlm
+from models.load import check_model_dir, checkpoint_activations, load_vlm, save_vlm
 from models.logprobs import FORWARD_METHODS
 from sampler import Limits
 from tracking import Tracker, check_backends
@@ -359,7 +359,7 @@ class Run:
             frozen = settings.freeze_vision and is_vision_parameter(model, name)
             param.requires_grad_(trainable and not frozen)
         if trainable and settings.activation_checkpointing:  # recomputed in backward, per block
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            checkpoint_activations(model)
         if sharded:
             shard_model(model, mixed_precision=trainable and self.dtype == torch.bfloat16,
                         cpu_offload=settings.cpu_offload, forward_methods=FORWARD_METHODS)

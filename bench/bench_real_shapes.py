@@ -46,6 +46,7 @@ import sampler  # noqa: E402
 from config import ReasonerConfig  # noqa: E402
 from grpo import Learner, RolloutBatch, make_optimizer, train_step  # noqa: E402
 from models.inputs import Prompt, Tokens  # noqa: E402
+from models.load import checkpoint_activations  # noqa: E402
 
 GIB = 2**30
 
@@ -534,7 +535,7 @@ def main(argv=None):
         torch.manual_seed(0)
         model = build_model(config, device)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            checkpoint_activations(model)
         reference = None
         if args.reference:
             reference = build_model(config, device, dtype=torch.bfloat16)

@@ -47,6 +47,7 @@ import bench_real_shapes as shapes  # noqa: E402
 import sampler  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from grpo import Learner, RolloutBatch, make_optimizer, train_step  # noqa: E402
+from models.load import checkpoint_activations  # noqa: E402
 from run import Run  # noqa: E402
 
 PARTS = ["precision", "memory", "decode", "prefix", "fits"]
@@ -162,9 +163,7 @@ class Check:
             torch.manual_seed(0)
             self.model = shapes.build_model(self.config, self.device)
             if self.cfg.model.activation_checkpointing:  # as `run.Run.load_model` enables it
-                enable = (getattr(self.model, "activation_checkpointing_enable", None)
-                          or self.model.gradient_checkpointing_enable)  # its older name
-                enable({"use_reentrant": False})
+                checkpoint_activations(self.model)
             self.optimizer = make_optimizer(self.model, self.stage)
         return self.model
 

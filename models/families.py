@@ -23,11 +23,11 @@ An unsupported `model_type` is refused by `family_of` with the list of supported
 
 from dataclasses import dataclass
 
+import transformers
 from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
     Gemma4ForConditionalGeneration,
-    Gemma4Processor,
     InternVLForConditionalGeneration,
     InternVLProcessor,
     Qwen2_5_VLForConditionalGeneration,
@@ -38,6 +38,15 @@ from transformers import (
     Qwen3VLProcessor,
 )
 from transformers.processing_utils import ProcessorMixin
+
+try:
+    from transformers import Gemma4Processor
+    GEMMA4_UNAVAILABLE = None
+except ImportError:  # transformers 5.17 imports it only with torchvision (its video processor)
+    Gemma4Processor = None
+    GEMMA4_UNAVAILABLE = (f"transformers {transformers.__version__} imports Gemma4Processor only "
+                          "with torchvision (not a dependency); the pinned transformers "
+                          "(requirements.txt) does not need it")
 
 # Tokens that only the processor may place: sampling one of them breaks the next forward pass.
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -80,27 +89,32 @@ class InternVLImageProcessor(InternVLProcessor):
                          image_seq_length=image_seq_length, chat_template=chat_template, **kwargs)
 
 
-class Gemma4ImageProcessor(Gemma4Processor):
-    """`Gemma4Processor` for images only (no audio feature extractor, no video processor, hence no
-    torchvision). Its `__init__` hands its parts to `ProcessorMixin` by keyword, so it is copied
-    here without them; unlike the stock one it does not add <|video|> to the tokenizer. The
-    tokenizer must still name boa_token / eoa_token: the stock input check refuses every call
-    otherwise (an operator-precedence slip in transformers' `validate_inputs`)."""
+if Gemma4Processor is not None:
+    class Gemma4ImageProcessor(Gemma4Processor):
+        """`Gemma4Processor` for images only (no audio feature extractor, no video processor,
+        hence no torchvision). Its `__init__` hands its parts to `ProcessorMixin` by keyword, so
+        it is copied here without them; unlike the stock one it does not add <|video|> to the
+        tokenizer. The tokenizer must still name boa_token / eoa_token: the stock input check
+        refuses every call otherwise (an operator-precedence slip in transformers'
+        `validate_inputs`)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
-                 image_seq_length=280, audio_seq_length=750, audio_ms_per_token=40, **kwargs):
-        self.image_seq_length = image_seq_length
-        self.image_token_id = tokenizer.image_token_id
-        self.boi_token, self.eoi_token = tokenizer.boi_token, tokenizer.eoi_token
-        self.image_token = tokenizer.image_token
-        self.video_token = self.video_token_id = None
-        self.audio_seq_length, self.audio_ms_per_token = audio_seq_length, audio_ms_per_token
-        self.audio_token_id = getattr(tokenizer, "audio_token_id", None)
-        self.audio_token = getattr(tokenizer, "audio_token", None)
-        self.boa_token = getattr(tokenizer, "boa_token", None)
-        self.eoa_token = getattr(tokenizer, "eoa_token", None)
-        ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
-                                chat_template=chat_template, **kwargs)
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
+                     image_seq_length=280, audio_seq_length=750, audio_ms_per_token=40,
+                     **kwargs):
+            self.image_seq_length = image_seq_length
+            self.image_token_id = tokenizer.image_token_id
+            self.boi_token, self.eoi_token = tokenizer.boi_token, tokenizer.eoi_token
+            self.image_token = tokenizer.image_token
+            self.video_token = self.video_token_id = None
+            self.audio_seq_length, self.audio_ms_per_token = audio_seq_length, audio_ms_per_token
+            self.audio_token_id = getattr(tokenizer, "audio_token_id", None)
+            self.audio_token = getattr(tokenizer, "audio_token", None)
+            self.boa_token = getattr(tokenizer, "boa_token", None)
+            self.eoa_token = getattr(tokenizer, "eoa_token", None)
+            ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=chat_template, **kwargs)
+else:
+    Gemma4ImageProcessor = None
 
 
 # InternVL: Qwen's turns; the processor expands <IMG_CONTEXT> to <img> + 256 per tile + </img>.
@@ -146,6 +160,7 @@ class Family:
     # "mask per layer type": the same with one mask per attention type (sliding window layers);
     # "prompt cache": the prompts forwarded once into a cache, each completion continuing from
     # its prompt's row (recurrent layers ignore masks: `prompt_cache.py`)
+    unavailable: str | None = None  # why this transformers cannot run the family (None: it can)
 
 
 QWEN_EOS = ("<|im_end|>", "<|endoftext|>")
@@ -193,7 +208,7 @@ FAMILIES = {
         vision_blocks="vision_tower.encoder.layers",
         vision_modules=(".vision_tower.", ".embed_vision."),
         cache="sliding window + full attention (+ layers reading another's KV)",
-        shared_prefix="mask per layer type"),
+        shared_prefix="mask per layer type", unavailable=GEMMA4_UNAVAILABLE),
 }
 
 
@@ -205,6 +220,9 @@ def family_of(config):
         supported = ", ".join(f"{f.name} ({key})" for key, f in FAMILIES.items())
         raise ValueError(f"model_type {config.model_type!r} is not supported; supported: "
                          f"{supported}")
+    if family.unavailable:
+        raise ValueError(f"model_type {config.model_type!r} ({family.name}): "
+                         f"{family.unavailable}")
     return family
 
 

@@ -121,6 +121,15 @@ def load_vlm(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"
     return model, processor
 
 
+def checkpoint_activations(model):
+    """Recompute each block's activations in backward instead of keeping them (non-reentrant
+    `torch.utils.checkpoint`): transformers' `activation_checkpointing_enable`, or
+    `gradient_checkpointing_enable` where it has the older name only (transformers 5.17)."""
+    enable = (getattr(model, "activation_checkpointing_enable", None)
+              or model.gradient_checkpointing_enable)
+    enable({"use_reentrant": False})
+
+
 def save_vlm(model, processor, path, state_dict=None):
     """`save_pretrained` model and processor into `path` atomically (`data.atomic_path`).
 

@@ -127,7 +127,8 @@ def test_activation_checkpointing_in_one_process_same_gradients(tmp_path, tiny_m
         run = _run(tmp_path, tiny_model_dir, image_dir, benchmark_file, "model.dtype=float32",
                    f"model.activation_checkpointing={str(flag).lower()}")
         policy, processor = run.load_model(tiny_model_dir, trainable=True)
-        assert policy.is_activation_checkpointing == flag
+        layers = policy.model.language_model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [flag] * len(layers)
         tokens = special_tokens(processor, policy)
         prompts = _prompts(processor)
         sampled = sample(policy, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 6),
