@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.families import family_of
-from models.inputs import collate, collate_groups, collate_prompt_cache
+from models.inputs import collate, collate_groups, collate_prompt_cache, group_rows
 from models import split_attention
 from models.prompt_cache import prompt_cache_hidden
 
@@ -98,15 +98,34 @@ def shared_prefix_attention(model):
     family = family_of(model)
     text = model.config.get_text_config()._attn_implementation
     if family.shared_prefix == "mask" and split_attention.install(model):
-        choice, why = "split", "each prompt once, each completion against its prompt and itself"
+        choice, why = "split", ("each prompt once, each completion against its prompt and itself; "
+                                "one row per completion where that does not pay")
     elif text in ("sdpa", split_attention.NAME):
-        choice, why = "dense", f"{family.name}'s layers need a mask per attention type"
+        choice, why = "dense", (f"{family.name}'s layers need a mask per attention type; one row "
+                                "per completion where that does not pay")
     else:
         choice, why = None, f"{text} attention takes no 4D boolean mask"
     if (family.name, choice) not in _logged:
         _logged.add((family.name, choice))
         log.info("shared prefix: %s (%s)", choice or "one row per completion", why)
     return choice
+
+
+def shared_prefix_pays(prompts, width, attention):
+    """Whether a micro-batch (one `Prompt` per row, consecutive rows of one Prompt a group;
+    completions `width` long) trains faster packed ("split" or "dense" attention) than as one row
+    per completion. Packing must save at least 10% of the positions: below that the packed
+    attention's masked kernel costs more than it saves (on this project's CPU measurements,
+    docs/performance.md: 0.88x per-row at 55 prompt + 8 x 1,024 tokens, 4.5% fewer positions).
+    A dense packed mask must also cost at most twice per-row's attention pairs."""
+    groups = [(len(prompt.input_ids), len(rows)) for prompt, rows in group_rows(prompts)]
+    per_row = sum(size * (length + width) for length, size in groups)
+    packed = sum(length + size * width for length, size in groups)
+    if packed > 0.9 * per_row:
+        return False
+    return attention != "dense" or (sum((length + size * width) ** 2 for length, size in groups)
+                                    <= 2 * sum(size * (length + width) ** 2
+                                               for length, size in groups))
 
 
 # The methods FSDP2 must run as forwards of the root (`distributed.shard_model`).
@@ -124,9 +143,9 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
     shared_prefix: consecutive rows of one Prompt share one encoding of it (`collate_groups`): a
     group of G costs P + G x T positions instead of G x (P + T), vision tower included, and its
     attention P^2 + G T (P + T) pairs (`split_attention`; Gemma's layers keep one dense mask
-    per attention type, (P + G T)^2). (Qwen3.5:
-    through the prompts' cache, `prompt_cache.py`; one row per completion when its layers are
-    checkpointed in training.)
+    per attention type, (P + G T)^2); a micro-batch where that does not pay
+    (`shared_prefix_pays`) runs one row per completion. (Qwen3.5: through the prompts' cache,
+    `prompt_cache.py`; one row per completion when its layers are checkpointed in training.)
     """
     gather = None
     through_cache = shared_prefix and family_of(model).shared_prefix == "prompt cache"
@@ -137,7 +156,8 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, *, toke
         shared_prefix = through_cache = False
     if through_cache:
         batch = collate_prompt_cache(model, prompts, tokens, completion_ids, completion_mask)
-    elif shared_prefix and (attention := shared_prefix_attention(model)):
+    elif (shared_prefix and (attention := shared_prefix_attention(model))
+          and shared_prefix_pays(prompts, completion_ids.shape[1], attention)):
         batch, gather = collate_groups(model, prompts, tokens, completion_ids, completion_mask,
                                        split=attention == "split")
     else:

@@ -20,6 +20,7 @@ from config import ReasonerConfig
 from models.families import FAMILIES, family_of
 from models.inputs import Tokens, collate, encode_prompt, special_tokens
 from models.load import check_model_dir, checkpoint_activations, load_vlm, save_vlm
+from models import logprobs as logprobs_module
 from models.logprobs import completion_logprobs
 from sampler import Rollout, Sampling, sample
 from test_distributed import _full_state, spawn_two
@@ -176,10 +177,21 @@ def test_greedy_sampling_equals_generate(tiny):
 # ----------------------------------------------------------------------------- training forward
 
 
-def test_shared_prefix_forward_equals_one_row_per_completion(tiny):
+def test_shared_prefix_forward_equals_one_row_per_completion(tiny, monkeypatch):
     """Log-probs, entropies and every parameter's gradient of the shared-prefix training forward
-    equal the one-row-per-completion forward's (micro-batch cut inside a group)."""
+    (each micro-batch packed: counted) equal the one-row-per-completion forward's (micro-batch
+    cut inside a group)."""
     _, _, model, _, tokens, prompts = tiny
+    packed = []
+
+    def counted(real):
+        def collate(*args, **kwargs):
+            packed.append(real.__name__)
+            return real(*args, **kwargs)
+        return collate
+
+    for name in ("collate_groups", "collate_prompt_cache"):
+        monkeypatch.setattr(logprobs_module, name, counted(getattr(logprobs_module, name)))
     tokens = common_eos(tokens)
     result = sample(model, prompts, group_size=2, sampling=Sampling(1.0, 1.0, 0, 8),
                     tokens=tokens, generator=torch.Generator().manual_seed(3))
@@ -202,6 +214,7 @@ def test_shared_prefix_forward_equals_one_row_per_completion(tiny):
 
     per_row, shared = forward_and_backward(False), forward_and_backward(True)
     model.zero_grad()
+    assert len(packed) == 2
     assert masked_max_abs(shared[0], per_row[0], mask) <= 1e-5
     assert masked_max_abs(shared[1], per_row[1], mask) <= 1e-4
     assert masked_max_abs(shared[0], result.logprobs, mask) <= 1e-5

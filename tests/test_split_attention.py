@@ -4,6 +4,7 @@ its prompt's real tokens and its own real tokens up to itself; padding sees itse
 training forward that uses it against the dense-mask forward and one row per completion."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from models import split_attention
 from models.inputs import collate_groups, encode_prompt, special_tokens
 from models.load import load_vlm
 from models.logprobs import (completion_forward, completion_logprobs,
-                             shared_prefix_attention)
+                             shared_prefix_attention, shared_prefix_pays)
 from test_grpo import noise_image
 
 
@@ -168,4 +169,53 @@ def test_eager_attention_trains_one_row_per_completion(tiny_model_dir):
         shared, _ = completion_logprobs(model, [prompt] * 2, ids, mask, tokens=tokens,
                                         shared_prefix=True)
         per_row, _ = completion_logprobs(model, [prompt] * 2, ids, mask, tokens=tokens)
+    torch.testing.assert_close(shared, per_row, rtol=0, atol=0)
+
+
+def test_shared_prefix_pays_by_hand():
+    """Packed when it saves >= 10% of the positions (and, dense, at most 2x per-row's pairs)."""
+    def rows(prompt_length, group):
+        prompt = SimpleNamespace(input_ids=[0] * prompt_length)
+        return [prompt] * group
+
+    # 55 + 8 x 1024 = 8247 positions packed, 8 x 1079 = 8632 per row: 4.5% saved
+    assert not shared_prefix_pays(rows(55, 8), 1024, "split")
+    assert shared_prefix_pays(rows(55, 8), 256, "split")  # 2103 against 2488: 15.5%
+    # dense pairs: 2343^2 = 5.49M against 8 x 551^2 = 2.43M (2.26x); 5431^2 = 29.5M against
+    # 8 x 1847^2 = 27.3M
+    assert shared_prefix_pays(rows(295, 8), 256, "split")
+    assert not shared_prefix_pays(rows(295, 8), 256, "dense")
+    assert shared_prefix_pays(rows(1335, 8), 512, "dense")
+    # two groups: (10 + 2 x 40) + (100 + 40) = 230 against 2 x 50 + 140 = 240: 4% saved
+    assert not shared_prefix_pays(rows(10, 2) + rows(100, 1), 40, "split")
+    assert shared_prefix_pays(rows(30, 2) + rows(100, 1), 40, "split")  # 240 against 280
+
+
+def test_a_micro_batch_where_sharing_does_not_pay_runs_one_row_per_completion(
+        model_and_prompts, monkeypatch):
+    """A short prompt with 2 long completions (packing would save under 10% of the positions):
+    the shared-prefix forward runs no split, and equals one row per completion exactly."""
+    base, tokens, prompts = model_and_prompts
+    prompt = prompts[0]
+    width = 5 * len(prompt.input_ids)  # packed P + 2T = 11P against 2(P + T) = 12P: 8% saved
+    ids = torch.randint(20, 300, (2, width), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, width)
+    seen = []
+    real = split_attention.split_attention
+
+    def counting(module, query, key, value, attention_mask, **kwargs):
+        seen.append(getattr(attention_mask, "split_groups", None) is not None)
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    split_attention.AttentionInterface.register(split_attention.NAME, counting)
+    try:
+        with torch.no_grad():
+            shared, _ = completion_logprobs(base, [prompt] * 2, ids, mask, tokens=tokens,
+                                            shared_prefix=True)
+    finally:
+        split_attention.AttentionInterface.register(split_attention.NAME, real)
+    with torch.no_grad():
+        per_row, _ = completion_logprobs(base, [prompt] * 2, ids, mask, tokens=tokens)
+    assert not shared_prefix_pays([prompt] * 2, width, "split")
+    assert seen and not any(seen)
     torch.testing.assert_close(shared, per_row, rtol=0, atol=0)
