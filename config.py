@@ -76,6 +76,9 @@ class QuestionerConfig(StageConfig):
 class ReasonerConfig(StageConfig):
     accuracy_weight: float = 0.9
     format_weight: float = 0.1
+    dynamic_sampling: int = 0         # DAPO's: n > 0 drops groups whose rewards are all equal
+                                      # and draws up to n more rounds of questions to refill;
+                                      # 0: off (the paper)
 
 
 @dataclass
@@ -313,6 +316,8 @@ def _check(cfg):
     questioner = cfg.questioner
     need(questioner.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
     need(questioner.diversity_weight >= 0, "questioner.diversity_weight", "must be >= 0")
+    need(cfg.reasoner.dynamic_sampling >= 0, "reasoner.dynamic_sampling",
+         "must be >= 0 (0: off; n: at most n more rounds of questions per step)")
     need(0 < questioner.diversity_threshold <= 1, "questioner.diversity_threshold",
          "must be in (0, 1]")
     generation = cfg.generation

@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 import distributed
 from models.inputs import Tokens
 from models.logprobs import completion_logprobs
-from sampler import Rollout
+from sampler import Rollout, concat_rollouts
 
 # ----------------------------------------------------------------------------
 # The GRPO math
@@ -350,6 +350,61 @@ def grpo_update(learner, experience, cfg, trained=None):
             "clip_frac_dual": sums["dual_clip"] / tokens_seen,
             "grad_norm": sum(finite) / len(finite) if finite else math.nan,
             "skipped_updates": skipped}
+
+
+# ----------------------------------------------------------------------------
+# DAPO's dynamic sampling (an option, off by default)
+
+
+def informative_groups(batch):
+    """[P] bool, one per prompt of the `RolloutBatch`: its group's rewards are not all equal, so
+    its advantages are not all 0."""
+    index, rewards = batch.sampled.prompt_index.cpu(), batch.rewards.float().cpu()
+    count = len(batch.prompts)
+    high = torch.full((count,), -math.inf).scatter_reduce(0, index, rewards, "amax")
+    low = torch.full((count,), math.inf).scatter_reduce(0, index, rewards, "amin")
+    return high > low
+
+
+def take_groups(batches, chosen, pad_id):
+    """The `RolloutBatch` of the groups `chosen` names ((batch number, prompt index) pairs) out
+    of `batches`, in that order, completions padded to the widest."""
+    parts, prompts, rewards = [], [], []
+    for number, prompt in chosen:
+        batch = batches[number]
+        rows = (batch.sampled.prompt_index == prompt).nonzero().flatten()
+        parts.append(Rollout(torch.zeros_like(rows), batch.sampled.completion_ids[rows],
+                             batch.sampled.completion_mask[rows], batch.sampled.logprobs[rows]))
+        prompts.append(batch.prompts[prompt])
+        rewards.append(batch.rewards[rows.to(batch.rewards.device)])
+    sampled = concat_rollouts(parts, pad_id, [[i] for i in range(len(parts))])
+    return RolloutBatch(prompts, sampled, torch.cat(rewards))
+
+
+def dynamic_sampling(first, sample_more, *, rounds, updates_per_step, pad_id):
+    """DAPO's dynamic sampling: a batch of the groups whose rewards are not all equal.
+
+    first: this rank's `RolloutBatch`; sample_more(r) another one (r = 1, 2, ...: further
+    prompts), drawn while a rank holds fewer informative groups than `first` has prompts and
+    fewer than `rounds` have been drawn. Every rank keeps its first N informative groups, N the
+    fewest any rank found, at most a full batch, cut to a multiple of updates_per_step (so ranks
+    and updates stay even); with N 0, `first` as drawn. The rounds' metrics are summed (seconds).
+    """
+    batches, chosen, wanted = [first], [], len(first.prompts)
+    while True:
+        chosen += [(len(batches) - 1, prompt)
+                   for prompt in informative_groups(batches[-1]).nonzero().flatten().tolist()]
+        fewest = min(distributed.all_gather_list([len(chosen)]))
+        if fewest >= wanted or len(batches) > rounds:
+            break
+        batches.append(sample_more(len(batches)))
+    keep = min(fewest, wanted) // updates_per_step * updates_per_step
+    batch = take_groups(batches, chosen[:keep], pad_id) if keep else first
+    drawn, found, kept = distributed.all_reduce_sum([len(batches) * wanted, len(chosen), keep])
+    batch.metrics = {name: sum(b.metrics[name] for b in batches) for name in first.metrics}
+    batch.metrics.update({"sampling_rounds": len(batches), "informative_share": found / drawn,
+                          "groups_kept": kept / (distributed.world_size() * wanted)})
+    return batch
 
 
 def train_step(learner, batch, cfg):

@@ -31,6 +31,7 @@ Deviations from the released code (the README gives the same list, with reasons)
   result was written completely.
 - Uncertainty scale as a knob: 1 (the paper's 1 - 2|p - 1/2|) or 0.5 (the released code's).
 - One answer budget: the answers that score a question are sampled as labeling's are.
+- DAPO's dynamic sampling, an option: `reasoner.dynamic_sampling` (0, off, as in the paper).
 
 Every stage writes its result atomically into the run directory; rerunning the same command skips
 the stages whose result exists and resumes an interrupted one (README, "Run directory").
@@ -57,7 +58,7 @@ from config import ConfigError, load_config
 from data import atomic_path, load_image, read_jsonl, write_jsonl
 from distributed import gathered, my_part
 from eval import evaluate_reasoner
-from grpo import RolloutBatch, train_step
+from grpo import RolloutBatch, dynamic_sampling, train_step
 from models.inputs import special_tokens
 from rewards import diversity_penalty, questioner_reward, reasoner_reward
 from roles import parse_question, questioner_prompt, reasoner_prompt
@@ -121,16 +122,17 @@ def step_diversity_penalty(local_questions, threshold):
 # The GRPO stages (steps 1 and 4)
 
 
-def policy_rollout(run, iteration, role, step, *, policy, processor, tokens, prompts):
+def policy_rollout(run, iteration, role, step, *, policy, processor, tokens, prompts, more=0):
     """G completions per prompt from a role's policy with its stage's sampling settings, and
-    their texts: the rollout of one GRPO step."""
+    their texts: the rollout of one GRPO step (more: a dynamic-sampling round's, drawn apart)."""
     settings = getattr(run.cfg, role)
     sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
                         settings.max_new_tokens)
+    stream = (iteration, role, step, more) if more else (iteration, role, step)
     with gathered(policy):
         sampled = rollout(policy, prompts, group_size=settings.group_size, sampling=sampling,
                           tokens=tokens, limits=run.limits(settings.rollout_batch_size),
-                          generator=run.generator(iteration, role, step))
+                          generator=run.generator(*stream))
     return sampled, decode(processor, sampled.completion_ids, sampled.completion_mask)
 
 
@@ -185,28 +187,43 @@ def questioner_batch(run, iteration, *, reasoner, policy, processor, tokens, ste
 
 def reasoner_batch(run, iteration, *, kept, order, policy, processor, tokens, step):
     """Step 4's rollout batch: the reasoner answers G times each kept question of the step; reward
-    0.9 * [boxed answer equals the silver answer] + 0.1 * [boxed] (`rewards.reasoner_reward`)."""
+    0.9 * [boxed answer equals the silver answer] + 0.1 * [boxed] (`rewards.reasoner_reward`).
+    With `reasoner.dynamic_sampling` n > 0 (DAPO's; off in the paper), groups whose rewards are
+    all equal are dropped and up to n more rounds of questions drawn (`grpo.dynamic_sampling`)."""
     settings, model_settings = run.cfg.reasoner, run.cfg.model
-    started = time.perf_counter()
     per_step = settings.prompts_per_step
-    rows = my_part([kept[i] for i in order[step * per_step:(step + 1) * per_step]],
-                   blocks=settings.updates_per_step)
-    prompts = [reasoner_prompt(processor, load_image(row["image"], model_settings.min_pixels,
-                                                     model_settings.max_pixels), row["question"])
-               for row in rows]
-    sampled, texts = policy_rollout(run, iteration, "reasoner", step, policy=policy,
-                                    processor=processor, tokens=tokens, prompts=prompts)
-    seconds_sampling = time.perf_counter() - started
 
-    started = time.perf_counter()
-    rewards = torch.tensor([
-        reasoner_reward(text, rows[p]["silver_answer"], rows[p]["choices"],
-                        accuracy_weight=settings.accuracy_weight,
-                        format_weight=settings.format_weight)
-        for text, p in zip(texts, sampled.prompt_index.tolist())])
-    metrics = {"seconds_sampling": seconds_sampling,
-               "seconds_scoring": time.perf_counter() - started}
-    return RolloutBatch(prompts, sampled, rewards, metrics=metrics)
+    def answered(questions, more=0):
+        started = time.perf_counter()
+        rows = my_part([kept[i] for i in questions], blocks=settings.updates_per_step)
+        prompts = [reasoner_prompt(processor, load_image(row["image"], model_settings.min_pixels,
+                                                         model_settings.max_pixels),
+                                   row["question"])
+                   for row in rows]
+        sampled, texts = policy_rollout(run, iteration, "reasoner", step, policy=policy,
+                                        processor=processor, tokens=tokens, prompts=prompts,
+                                        more=more)
+        seconds_sampling = time.perf_counter() - started
+
+        started = time.perf_counter()
+        rewards = torch.tensor([
+            reasoner_reward(text, rows[p]["silver_answer"], rows[p]["choices"],
+                            accuracy_weight=settings.accuracy_weight,
+                            format_weight=settings.format_weight)
+            for text, p in zip(texts, sampled.prompt_index.tolist())])
+        metrics = {"seconds_sampling": seconds_sampling,
+                   "seconds_scoring": time.perf_counter() - started}
+        return RolloutBatch(prompts, sampled, rewards, metrics=metrics)
+
+    def refill(more):  # dynamic sampling's round `more`: further questions, drawn apart
+        return answered(draw(seed_for(run.cfg.seed, iteration, "reasoner-questions", step, more),
+                             len(kept), per_step), more)
+
+    batch = answered(order[step * per_step:(step + 1) * per_step])
+    if not settings.dynamic_sampling:
+        return batch
+    return dynamic_sampling(batch, refill, rounds=settings.dynamic_sampling,
+                            updates_per_step=settings.updates_per_step, pad_id=tokens.pad_id)
 
 
 def train_stage(run, role, iteration, *, start_path, out_path, make_batch):

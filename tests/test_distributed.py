@@ -20,6 +20,7 @@ from PIL import Image
 
 import checkpoint
 import distributed
+import grpo
 import visplay
 from config import ReasonerConfig
 from distributed import shard_model
@@ -197,6 +198,35 @@ def test_zero_advantage_skip_under_fsdp2_equals_single_process(tiny_model_dir, t
     for key in ("loss", "grad_norm", "reward_mean", "entropy", "rows_trained",
                 "zero_advantage_groups"):
         assert sharded["metrics"][key] == pytest.approx(single_metrics[key], abs=1e-5), key
+
+
+def _dynamic_sampling_worker(folder):
+    from test_grpo import _fake_batch
+
+    # rank 0 finds 1 informative group of 2 in its first draw, rank 1 both: both draw round 1
+    first = [[1, 0, 1, 1], [1, 0, 0.2, 0.3]][distributed.rank()]
+    calls = []
+
+    def sample_more(round_):
+        calls.append(round_)
+        return _fake_batch([0, 1, 0.5, 0.7], 2, 2, 10 * round_)
+
+    batch = grpo.dynamic_sampling(_fake_batch(first, 2, 2, 0), sample_more, rounds=3,
+                                  updates_per_step=1, pad_id=-1)
+    torch.save({"calls": calls, "prompts": batch.prompts, "metrics": batch.metrics},
+               os.path.join(folder, f"rank{distributed.rank()}.pt"))
+
+
+def test_dynamic_sampling_draws_the_same_rounds_on_every_rank(tmp_path):
+    """A rank that has its full batch still draws while another has not (each rank's sampling
+    and updates must stay in step); each keeps 2 groups; the shares count both ranks."""
+    spawn_two(_dynamic_sampling_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["calls"] for r in ranks] == [[1], [1]]
+    assert ranks[0]["prompts"] == ["0-0", "10-0"] and ranks[1]["prompts"] == ["0-0", "0-1"]
+    for r in ranks:
+        assert r["metrics"] == {"seconds_sampling": 2.0, "sampling_rounds": 2,
+                                "informative_share": 7 / 8, "groups_kept": 1.0}
 
 
 # ----------------------------------------------------------------------------- gathered statistics

@@ -18,8 +18,8 @@ from config import ReasonerConfig
 from models.inputs import collate, collate_groups, encode_prompt, special_tokens
 from models.load import load_vlm
 from models.logprobs import completion_logprobs
-from sampler import (Limits, Sampling, kv_bytes_per_token, next_token, plan_batches, rollout,
-                     sample)
+from sampler import (Limits, Rollout, Sampling, kv_bytes_per_token, next_token, plan_batches,
+                     rollout, sample)
 
 # ----------------------------------------------------------------------------
 # Fixtures and helpers
@@ -1061,3 +1061,50 @@ def test_a_mini_batch_with_nothing_to_learn_still_steps_adamw(tiny, prompts, mon
         assert metrics["zero_advantage_groups"] == pytest.approx(1 / 3)
     for skipped, every in zip(*weights):
         torch.testing.assert_close(skipped, every, rtol=0, atol=1e-7)
+
+
+def _fake_batch(rewards, group_size, width, fill, seconds=1.0):
+    """A RolloutBatch of len(rewards) / G prompts named by `fill`, completion ids = fill + row."""
+    rows = len(rewards)
+    prompts = [f"{fill}-{p}" for p in range(rows // group_size)]
+    ids = (fill + torch.arange(rows))[:, None].expand(rows, width).clone()
+    sampled = Rollout(torch.arange(rows // group_size).repeat_interleave(group_size), ids,
+                      torch.ones(rows, width), torch.zeros(rows, width))
+    return grpo.RolloutBatch(prompts, sampled, torch.tensor(rewards),
+                             metrics={"seconds_sampling": seconds})
+
+
+def test_informative_groups_by_hand():
+    batch = _fake_batch([1.0, 1.0, 0.0, 1.0, 0.5, 0.5], 2, 3, 0)
+    assert grpo.informative_groups(batch).tolist() == [False, True, False]
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_refills():
+    """First draw: prompts 0 and 3 of 4 informative; round 1: prompts 1, 2, 3. A full batch of 4
+    is 0-0, 0-3, 1-1, 1-2 (in that order), the refill's completions padded to the widest; with
+    no round allowed, the 2 found; with 3 updates per step, none of 2 fits: the first draw."""
+    first = _fake_batch([1, 0, 1, 1, 0, 0, 0.1, 0.9], 2, 3, 100)
+    more = _fake_batch([1, 1, 1, 0, 0, 1, 0.5, 0.2], 2, 5, 200)
+    calls = []
+
+    def sample_more(round_):
+        calls.append(round_)
+        return more
+
+    batch = grpo.dynamic_sampling(first, sample_more, rounds=2, updates_per_step=2, pad_id=-1)
+    assert calls == [1]
+    assert batch.prompts == ["100-0", "100-3", "200-1", "200-2"]
+    assert batch.rewards.tolist() == pytest.approx([1, 0, 0.1, 0.9, 1, 0, 0, 1])
+    assert batch.sampled.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert batch.sampled.completion_ids[:, 0].tolist() == [100, 101, 106, 107, 202, 203, 204, 205]
+    assert batch.sampled.completion_ids[0].tolist() == [100, 100, 100, -1, -1]
+    assert batch.sampled.completion_mask.sum(1).tolist() == [3, 3, 3, 3, 5, 5, 5, 5]
+    assert batch.metrics == {"seconds_sampling": 2.0, "sampling_rounds": 2,
+                             "informative_share": 5 / 8, "groups_kept": 1.0}
+
+    calls.clear()
+    batch = grpo.dynamic_sampling(first, sample_more, rounds=0, updates_per_step=1, pad_id=-1)
+    assert calls == [] and batch.prompts == ["100-0", "100-3"]
+    assert batch.metrics["groups_kept"] == 0.5
+    batch = grpo.dynamic_sampling(first, sample_more, rounds=0, updates_per_step=3, pad_id=-1)
+    assert batch.prompts == first.prompts and batch.rewards.tolist() == first.rewards.tolist()

@@ -356,3 +356,20 @@ def test_a_damaged_output_is_made_again_with_one_warning(damage, finished_run, t
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and name.split("/")[0] in warnings[0], warnings
     _same_outputs(run_dir, copy)
+
+
+def test_dynamic_sampling_refills_the_reasoner_batch(tmp_path, format_model_dir, image_dir,
+                                                     benchmark_file):
+    """`reasoner.dynamic_sampling: 2`: each reasoner step draws questions until its batch holds
+    only groups whose rewards differ, or 3 rounds were drawn; the step logs what it found."""
+    overrides = tiny_overrides(str(tmp_path / "run"), format_model_dir, image_dir,
+                               benchmark_file) + ["questioner.steps=0", "reasoner.steps=1",
+                                                  "reasoner.dynamic_sampling=2"]
+    visplay.run_loop(load_config("config.yaml", overrides))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    (step,) = [row for row in rows if row["stage"] == "reasoner"]
+    assert step["sampling_rounds"] in (1, 2, 3)
+    assert step["sampling_rounds"] == 3 or step["groups_kept"] == 1.0  # out of rounds, or full
+    assert 0 <= step["informative_share"] <= 1 and 0 <= step["groups_kept"] <= 1
+    if step["groups_kept"] > 0:  # a batch of informative groups only
+        assert step["zero_advantage_groups"] == 0
