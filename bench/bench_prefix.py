@@ -5,13 +5,15 @@
 
 One group (a prompt with one square image, G completions of exactly T tokens) through the
 training forward and backward (`models.logprobs.completion_logprobs`, loss = the sum of the
-log-probs), three ways:
-- split: `shared_prefix` on (the prompt once; attention split as `models/split_attention.py`
-  computes it, P^2 + G T (P + T) pairs);
-- dense: the same packed sequence under one dense 4D mask ((P + G T)^2 pairs), the packed
-  attention before the split;
+log-probs), four ways:
+- shared: `shared_prefix` on, as training runs it: split where packing pays
+  (`models.logprobs.shared_prefix_pays`), else one row per completion;
+- split: the packed group, always (the prompt once; attention split as
+  `models/split_attention.py` computes it, P^2 + G T (P + T) pairs);
+- dense: the same packed sequence under one dense 4D mask ((P + G T)^2 pairs);
 - per-row: `shared_prefix` off, G rows of P + T (G (P + T)^2 pairs, G (P + T) positions).
-Per trained position: split and dense train P + G T positions, per-row G (P + T).
+Per trained position: split and dense train P + G T positions, per-row G (P + T) (shared:
+whichever it ran).
 Each (shape, way) runs in its own process (a warm-up, then `--repeats` timed runs; min and
 median) so its peak RSS (the process's maximum resident memory, the model and the inputs
 included) is its own; the ways of one shape run one after the other.
@@ -32,15 +34,17 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import split_attention  # noqa: E402
 from models.inputs import collate_groups, encode_prompt, special_tokens  # noqa: E402
 from models.load import load_vlm  # noqa: E402
-from models.logprobs import completion_forward, completion_logprobs  # noqa: E402
+from models.logprobs import (completion_forward, completion_logprobs,  # noqa: E402
+                             shared_prefix_pays)
 from models.tiny import build_tiny_vlm  # noqa: E402
 from toyworld.base import corpus  # noqa: E402
 
 SIZES = {"14M": dict(hidden_size=384, layers=8, heads=6, kv_heads=2, vision_hidden=224,
                      vision_depth=4)}
-WAYS = ("split", "dense", "per-row")
+WAYS = ("shared", "split", "dense", "per-row")
 
 
 def one_case(model_dir, way, side, new_tokens, group, repeats, threads):
@@ -56,17 +60,21 @@ def one_case(model_dir, way, side, new_tokens, group, repeats, threads):
     ids = torch.randint(20, 300, (group, new_tokens), generator=generator)
     mask = torch.ones(group, new_tokens)
     rows = [prompt] * group
+    if way == "split":
+        split_attention.install(model)
+    packed = way in ("split", "dense") or (way == "shared" and shared_prefix_pays(rows, new_tokens,
+                                                                                  "split"))
 
     def run():
         model.zero_grad(set_to_none=True)
-        if way == "dense":
-            batch, gather = collate_groups(model, rows, tokens, ids, mask, split=False)
+        if way in ("split", "dense"):
+            batch, gather = collate_groups(model, rows, tokens, ids, mask, split=way == "split")
             logprobs, _ = completion_forward(model, batch, ids, temperature=1.0,
                                              banned_ids=tokens.banned_ids, chunk_size=256,
                                              with_entropy=False, gather=gather)
         else:
             logprobs, _ = completion_logprobs(model, rows, ids, mask, tokens=tokens,
-                                              shared_prefix=way == "split")
+                                              shared_prefix=way == "shared")
         logprobs.sum().backward()
 
     run()  # warm-up
@@ -76,7 +84,8 @@ def one_case(model_dir, way, side, new_tokens, group, repeats, threads):
         run()
         seconds.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"seconds": seconds, "prompt_tokens": len(prompt.input_ids), "peak_gib": peak}
+    return {"seconds": seconds, "prompt_tokens": len(prompt.input_ids), "peak_gib": peak,
+            "packed": packed}
 
 
 def main():
@@ -124,12 +133,14 @@ def main():
                         results[way] = json.loads(out.stdout.strip().splitlines()[-1])
                     for way, r in results.items():
                         p = r["prompt_tokens"]
-                        positions = group * (p + new_tokens) if way == "per-row" else (
-                            p + group * new_tokens)
+                        positions = p + group * new_tokens if r["packed"] else (
+                            group * (p + new_tokens))
                         best = min(r["seconds"])
                         ratio = (f"{min(results['per-row']['seconds']) / best:.2f}x"
                                  if "per-row" in results else "-")
-                        print(f"| {side} | {p} | {new_tokens} | {group} | {way} | {best:.2f} / "
+                        name = f"{way} ({'split' if r['packed'] else 'per-row'})" if (
+                            way == "shared") else way
+                        print(f"| {side} | {p} | {new_tokens} | {group} | {name} | {best:.2f} / "
                               f"{statistics.median(r['seconds']):.2f} | "
                               f"{1000 * best / positions:.3f} | {ratio} | {r['peak_gib']:.2f} |",
                               flush=True)

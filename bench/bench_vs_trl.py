@@ -24,7 +24,10 @@ drift of the machine hits both alike.
 Two differences are design, not settings, and are what the ratio measures: visplay prefills each
 prompt once for its G samples (TRL's `model.generate` gets P x G rows), and its training forwards
 encode each prompt once for its G completions (`reasoner.shared_prefix`, on by default;
-`--no-shared-prefix` turns it off to show the sampler's share alone).
+`--no-shared-prefix` turns it off to show the sampler's share alone). A third is design too:
+with beta 0 visplay's update skips rows whose advantage is 0 (`grpo.trained_rows`; a random
+model's rewards are all 0, so it trains almost nothing); `--train-every-row` trains them as TRL
+does, for the same work in the update. The table gives the median share of rows trained.
 
 Per step (the first `--warmup` steps of each side are dropped), split where each side allows:
   visplay  gen: prompt encoding, `sampler.rollout`, decode; score: reward and `grpo.score_rollout`
@@ -39,6 +42,8 @@ Per step (the first `--warmup` steps of each side are dropped), split where each
 
     python bench/bench_vs_trl.py                       # 14M and 37M, G 4 and 8, beta 0, 0.04
     python bench/bench_vs_trl.py --sizes 14M --groups 4 --betas 0 --steps 5
+    python bench/bench_vs_trl.py --sizes 14M --groups 4,8 --betas 0 --prompts 4 --image 448 \
+        --new-tokens 256 --steps 5 --train-every-row   # a long setting, the same update work
 
 The default matrix takes about 10.5 minutes on 2 quiet CPU cores. Two processes of 2 threads on 2
 cores stall each other far beyond their share (steps 5-10x slower), hence the load check.
@@ -55,7 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,12 +152,25 @@ def timed_function(module, name):
 # visplay's side
 
 
+@contextmanager
+def every_row():
+    """visplay's update trains every row, as TRL's does, rows whose advantage is 0 included (with
+    beta 0 it skips them: `grpo.trained_rows`)."""
+    real = grpo.trained_rows
+    grpo.trained_rows = lambda advantages, cfg: torch.ones_like(advantages, dtype=torch.bool)
+    try:
+        yield
+    finally:
+        grpo.trained_rows = real
+
+
 class VisplaySide:
     """A reasoner GRPO stage's state for one setting (`visplay.train_stage`: policy, frozen
     reference when the KL coefficient is > 0, AdamW, tokens: `run.Run.open_stage`), and its step."""
 
-    def __init__(self, path, items, *, group, beta, new_tokens, shared_prefix=True, seed=0):
-        self.items = items
+    def __init__(self, path, items, *, group, beta, new_tokens, shared_prefix=True, seed=0,
+                 train_every_row=False):
+        self.items, self.train_every_row = items, train_every_row
         self.policy, self.processor = load_vlm(path)
         self.policy.eval()  # as `run.Run.load_model` leaves it; `grpo.grpo_update` trains
         self.reference = None
@@ -174,7 +192,7 @@ class VisplaySide:
         self.sampling = Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k,
                                  self.cfg.max_new_tokens)
         self.generator = torch.Generator().manual_seed(seed)
-        self.times, self.lengths = [], []
+        self.times, self.lengths, self.rows_trained = [], [], []
 
     def prompts(self):
         """The step's prompts, encoded as `visplay.reasoner_batch` encodes them."""
@@ -197,9 +215,11 @@ class VisplaySide:
             for text, p in zip(texts, sampled.prompt_index.tolist())])
         rewarded = time.perf_counter()
         learner = grpo.Learner(self.policy, self.optimizer, self.reference, self.tokens)
-        with timed_function(grpo, "score_rollout") as scoring:
-            grpo.train_step(learner, grpo.RolloutBatch(prompts, sampled, rewards), cfg)
+        with timed_function(grpo, "score_rollout") as scoring, (
+                every_row() if self.train_every_row else nullcontext()):
+            metrics = grpo.train_step(learner, grpo.RolloutBatch(prompts, sampled, rewards), cfg)
         done = time.perf_counter()
+        self.rows_trained.append(metrics["rows_trained"])
         self.lengths.append(sampled.completion_mask.sum(-1).long().tolist())
         self.times.append({"total": done - started, "gen": generated - started,
                            "score": rewarded - generated + scoring[0],
@@ -371,11 +391,11 @@ def check_same_prompts(first_call, prompts, group):
 
 
 def compare(path, items, *, group, beta, new_tokens, steps, warmup, threads, output_dir,
-            shared_prefix=True):
+            shared_prefix=True, train_every_row=False):
     """Both sides for one setting, steps alternating. Returns a dict: per-side timed steps
     (warm-up dropped), whether the work matched and why not."""
     side = VisplaySide(path, items, group=group, beta=beta, new_tokens=new_tokens,
-                       shared_prefix=shared_prefix)
+                       shared_prefix=shared_prefix, train_every_row=train_every_row)
     trl_times, trl_lengths, first_call = run_trl(
         path, items, group=group, beta=beta, new_tokens=new_tokens, steps=warmup + steps,
         banned_ids=side.tokens.banned_ids, output_dir=output_dir, threads=threads,
@@ -391,7 +411,8 @@ def compare(path, items, *, group, beta, new_tokens, steps, warmup, threads, out
                 or lengths["logged_min"] != new_tokens or lengths["logged_max"] != new_tokens):
             problems.append(f"TRL step {step}: lengths {sorted(set(lengths['rows']))}, logged "
                             f"min {lengths['logged_min']} max {lengths['logged_max']}")
-    return {"visplay": side.times[warmup:], "trl": trl_times[warmup:], "problems": problems}
+    return {"visplay": side.times[warmup:], "trl": trl_times[warmup:], "problems": problems,
+            "rows_trained": side.rows_trained[warmup:]}
 
 
 # ----------------------------------------------------------------------------
@@ -414,7 +435,8 @@ def table_row(size, params, group, beta, result):
             f"| {ours['min']:.2f} / {ours['median']:.2f} | {theirs['min']:.2f} / "
             f"{theirs['median']:.2f} | {ratio} "
             f"| {ours['gen']:.2f} / {ours['score']:.2f} / {ours['update']:.2f} "
-            f"| {theirs['gen']:.2f} / {theirs['score']:.2f} / {theirs['update']:.2f} |")
+            f"| {theirs['gen']:.2f} / {theirs['score']:.2f} / {theirs['update']:.2f} "
+            f"| {statistics.median(result['rows_trained']):.2f} |")
 
 
 def main():
@@ -433,6 +455,9 @@ def main():
     parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                         help="visplay's training forwards encode every row's prompt, as TRL's do "
                              "(reasoner.shared_prefix false; the project default is true)")
+    parser.add_argument("--train-every-row", action="store_true",
+                        help="visplay's update trains every row as TRL's does, also rows whose "
+                             "advantage is 0 (with beta 0 the project skips them)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-load", type=float, default=1.0,
                         help="1-minute load average above which, before the run, results are "
@@ -466,7 +491,8 @@ def main():
           f"trl {trl.__version__}; {args.threads} threads; {args.prompts} prompts x G, "
           f"{args.new_tokens} new tokens forced, {args.image}-px images, fp32, lr {LR:g}; "
           f"{args.warmup} warm-up + {args.steps} timed steps per side, alternating; visplay "
-          f"shared_prefix {str(args.shared_prefix).lower()}; "
+          f"shared_prefix {str(args.shared_prefix).lower()}; zero-advantage rows "
+          f"{'trained' if args.train_every_row else 'skipped when beta is 0'}; "
           f"1-min load before {load_before:.2f}\n", flush=True)
     params = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -476,8 +502,9 @@ def main():
         # Rows print as they finish, so an interrupted run keeps what it measured; progress
         # lines go to stderr.
         print("\n| model | G | beta | visplay s/step (min / median) | TRL s/step (min / median) "
-              "| TRL / visplay (min) | visplay gen / score / update | TRL gen / score / update |")
-        print("|---|---|---|---|---|---|---|---|", flush=True)
+              "| TRL / visplay (min) | visplay gen / score / update | TRL gen / score / update "
+              "| visplay rows trained (median share) |")
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
         problems = []
         for size in sizes:
             for group in map(int, args.groups.split(",")):
@@ -487,7 +514,8 @@ def main():
                                      new_tokens=args.new_tokens, steps=args.steps,
                                      warmup=args.warmup, threads=args.threads,
                                      output_dir=os.path.join(tmp, "trl"),
-                                     shared_prefix=args.shared_prefix)
+                                     shared_prefix=args.shared_prefix,
+                                     train_every_row=args.train_every_row)
                     problems += result["problems"]
                     print(table_row(size, params[size], group, beta, result), flush=True)
                     print(f"{size}, G {group}, beta {beta:g}: "

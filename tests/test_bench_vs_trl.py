@@ -36,7 +36,21 @@ def test_both_sides_same_work(tiny_bench_model, tmp_path, beta):
             assert step["total"] > 0 and step["gen"] > 0 and step["update"] > 0
             assert step["gen"] + step["score"] + step["update"] == pytest.approx(step["total"])
     row = bench.table_row("tiny", 1e6, 2, beta, result)
-    assert row.count("|") == 9 and "x |" in row
+    assert row.count("|") == 10 and "x |" in row
+    assert len(result["rows_trained"]) == 2
+
+
+def test_train_every_row_trains_rows_without_advantage(tiny_bench_model, tmp_path):
+    """With beta 0 visplay skips rows whose advantage is 0 (the random model's rewards are all
+    0: it trains none of 4); `train_every_row` trains all 4, as TRL does."""
+    items = bench.make_items(2, 112)
+    skip = bench.grpo.trained_rows
+    for every, share in ((False, 0.0), (True, 1.0)):
+        result = bench.compare(tiny_bench_model, items, group=2, beta=0.0, new_tokens=4, steps=1,
+                               warmup=0, threads=torch.get_num_threads(),
+                               output_dir=str(tmp_path / "trl"), train_every_row=every)
+        assert result["rows_trained"] == [share]
+    assert bench.grpo.trained_rows is skip
 
 
 def test_different_prompts_are_refused(tiny_bench_model):
