@@ -216,12 +216,16 @@ class Run:
         image_paths, self.benchmarks, self.benchmark_reports = check_sources(cfg)
         check_run_dir(self.dir)  # every rank: each must be able to write there
         self.base = cfg.model.path
+        self.truth = None  # the embedded pool's: (image index, question) -> (family, true answer)
         if cfg.model.path is None:  # the embedded default fills in what the config leaves empty
             world = self._embedded_world()
             self.base = world["base"]
             toy_pool = image_paths is None
             if toy_pool:
+                from toyworld.world import pool_truth
+
                 image_paths = list_images(world["pool"])
+                self.truth = pool_truth(cfg.seed)
             if not self.benchmarks:  # the held-out benchmark, and the pool's questions (diagnosis)
                 files = {"toyworld": world["benchmark"]}
                 if toy_pool:

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from answers import answers_equivalent
 from data import read_jsonl
 from rewards import bleu_distance_matrix
 
@@ -33,23 +34,52 @@ def question_diversity(questions, limit=2000):
     return {"distinct_ratio": len(set(questions)) / len(questions), "mean_pairwise_bleu": pairwise}
 
 
-def iteration_summary(run_dir, iteration):
-    """Iteration `iteration`'s row: question statistics (from iteration 1 on) and evaluation."""
+def iteration_summary(run_dir, iteration, truth=None):
+    """Iteration `iteration`'s row: question statistics (from iteration 1 on) and evaluation.
+
+    The questions' statistics: how many were written, labeled and kept; the majority share p of
+    the labeled ones (`confidence_mean`: how certain the frozen reasoner is of the questioner's
+    questions) and of the kept ones; their diversity. truth: where the pool has true answers (the
+    embedded default, `toyworld.world.pool_truth`), (image index, question) -> (family, answer),
+    and the row also gets each family's share of the valid and of the kept questions
+    (`family_mix`, `kept_family_mix`) and the silver labels' accuracy on the kept questions the
+    truth can answer (`silver_accuracy`)."""
     row = {"iteration": iteration}
     if iteration > 0:
         generated = read_jsonl(os.path.join(run_dir, f"questions_v{iteration}.jsonl"))
         labeled = read_jsonl(os.path.join(run_dir, f"labeled_v{iteration}.jsonl"))
         kept = read_jsonl(os.path.join(run_dir, f"kept_v{iteration}.jsonl"))
         confidences = [r["confidence"] for r in labeled if r["silver_answer"] is not None]
-        invalid = sum(not r["valid"] for r in generated)
+        valid = [r for r in generated if r["valid"]]
+        invalid = len(generated) - len(valid)
         row.update(generated=len(generated), invalid_rate=invalid / max(len(generated), 1),
                    labeled=len(labeled), kept=len(kept),
+                   confidence_mean=float(np.mean(confidences)) if confidences else None,
                    kept_confidence_mean=(float(np.mean([r["confidence"] for r in kept]))
                                          if kept else None),
                    confidence_histogram=np.histogram(confidences, bins=10,
                                                      range=(0, 1))[0].tolist(),
-                   **question_diversity([r["question"] for r in generated if r["valid"]]))
+                   **question_diversity([r["question"] for r in valid]))
+        if truth is not None:
+            row.update(family_mix=_family_shares(valid, truth),
+                       kept_family_mix=_family_shares(kept, truth),
+                       silver_accuracy=silver_accuracy(kept, truth))
     return eval_row(run_dir, iteration, row)
+
+
+def _family_shares(rows, truth):
+    """{family: share of `rows`} (None: a question in no family of the world)."""
+    families = [truth(r["image_index"], r["question"])[0] or "other" for r in rows]
+    return {f: families.count(f) / len(families) for f in sorted(set(families))}
+
+
+def silver_accuracy(rows, truth):
+    """The share of labeled `rows` whose silver answer equals the true one, over the rows the
+    truth answers (None when it answers none)."""
+    right = [answers_equivalent(r["silver_answer"], answer, r.get("choices"))
+             for r in rows
+             if (answer := truth(r["image_index"], r["question"])[1]) is not None]
+    return sum(right) / len(right) if right else None
 
 
 def question_yield(row):
@@ -81,16 +111,32 @@ def format_summary(summaries):
         return pattern % (scale * value) if value is not None else "-"
 
     head = "".join(f" | {b} acc | pass@1 | maj@k | pass@k" for b in benches)
-    lines = [f"| iteration{head} | kept | mean p kept | invalid | distinct | pairwise BLEU |",
-             "|---" * (4 * len(benches) + 6) + "|"]
+    lines = [f"| iteration{head} | kept | yield | mean p | mean p kept | silver acc kept "
+             "| invalid | distinct | pairwise BLEU |",
+             "|---" * (4 * len(benches) + 9) + "|"]
     for s in summaries:
         accuracy = "".join(f" | {fmt(s['eval'][b].get(k), '%.1f', 100)}" for b in benches
                            for k in ("accuracy", "pass@1", "majority@k", "pass@k"))
         lines.append(f"| {s['iteration']}{accuracy} | {s.get('kept', '-')}"
+                     f" | {fmt(question_yield(s), '%.2f')}"
+                     f" | {fmt(s.get('confidence_mean'), '%.2f')}"
                      f" | {fmt(s.get('kept_confidence_mean'), '%.2f')}"
+                     f" | {fmt(s.get('silver_accuracy'), '%.1f', 100)}"
                      f" | {fmt(s.get('invalid_rate'), '%.2f')}"
                      f" | {fmt(s.get('distinct_ratio'), '%.2f')}"
                      f" | {fmt(s.get('mean_pairwise_bleu'), '%.2f')} |")
+    mixes = [s for s in summaries if s.get("family_mix")]
+    if mixes:
+        families = sorted({f for s in mixes for mix in (s["family_mix"], s["kept_family_mix"])
+                           for f in mix})
+        lines += ["", "questions per family, % of the valid / of the kept", "",
+                  "| iteration | " + " | ".join(families) + " |",
+                  "|---" * (len(families) + 1) + "|"]
+        for s in mixes:
+            cells = " | ".join(f"{100 * s['family_mix'].get(f, 0):.0f} / "
+                               f"{100 * s['kept_family_mix'].get(f, 0):.0f}"
+                               for f in families)
+            lines.append(f"| {s['iteration']} | {cells} |")
     for b in benches:
         categories = sorted({c for s in summaries for c in s["eval"][b].get("by_category", {})})
         if len(categories) < 2:

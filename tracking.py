@@ -61,10 +61,13 @@ def summary_scalars(row):
                 out[f"summary/{bench}/{key}"] = float(scores[key])
         for category, accuracy in scores.get("by_category", {}).items():
             out[f"summary/{bench}/category/{category}"] = float(accuracy)
-    for key in ("kept", "labeled", "generated", "invalid_rate", "kept_confidence_mean",
-                "distinct_ratio", "mean_pairwise_bleu"):
+    for key in ("kept", "labeled", "generated", "invalid_rate", "confidence_mean",
+                "kept_confidence_mean", "silver_accuracy", "distinct_ratio", "mean_pairwise_bleu"):
         if row.get(key) is not None:
             out[f"summary/{key}"] = float(row[key])
+    for key in ("family_mix", "kept_family_mix"):
+        for family, share in row.get(key, {}).items():
+            out[f"summary/{key}/{family}"] = float(share)
     if question_yield(row) is not None:
         out["summary/yield"] = question_yield(row)
     return out

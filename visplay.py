@@ -419,7 +419,7 @@ def run_loop(cfg):
         free_memory()
     else:
         log.info("[iter 0] eval_v0.json exists: the base's evaluation is reused")
-    summaries = [iteration_summary(run.dir, 0)]
+    summaries = [iteration_summary(run.dir, 0, run.truth)]
     durations = {}  # {step name: [seconds, ...]} of the steps this process ran: the time left
     for i in range(1, cfg.iterations + 1):
         questioner_before = run.base if i == 1 else run.path(f"questioner_v{i - 1}")
@@ -454,7 +454,7 @@ def run_loop(cfg):
             checkpoint.record_outputs(run.dir, outputs)
             free_memory()  # the stage's models, before the next stage loads its own
         checkpoint.clean_leftovers(run.dir, i)
-        summaries.append(iteration_summary(run.dir, i))
+        summaries.append(iteration_summary(run.dir, i, run.truth))
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)
         run.log_summaries(summaries)

@@ -5,8 +5,10 @@ import os
 
 import pytest
 
+import summary
 import visplay
 from config import ConfigError, load_config
+from data import write_jsonl
 
 ARTIFACTS = ["config.yaml", "eval_v0.json", "eval_v0_items.jsonl", "questioner_v1",
              "questions_v1.jsonl", "labeled_v1.jsonl", "kept_v1.jsonl", "reasoner_v1",
@@ -238,10 +240,11 @@ def test_final_table_reports_every_iteration_and_category():
              "eval": {"toy": {"accuracy": 0.625, "pass@1": 0.5, "majority@k": 0.5, "pass@k": 0.875,
                               "by_category": {"count": 0.75, "exists": 0.5}}}}]
     lines = visplay.format_summary(rows).splitlines()
-    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | pass@k | kept | mean p kept "
-                        "| invalid | distinct | pairwise BLEU |")
-    assert lines[2] == "| 0 | 50.0 | 25.0 | 37.5 | 75.0 | - | - | - | - | - |"
-    assert lines[3] == "| 1 | 62.5 | 50.0 | 50.0 | 87.5 | 7 | 0.55 | 0.12 | 0.75 | 0.20 |"
+    assert lines[0] == ("| iteration | toy acc | pass@1 | maj@k | pass@k | kept | yield | mean p "
+                        "| mean p kept | silver acc kept | invalid | distinct | pairwise BLEU |")
+    assert lines[2] == "| 0 | 50.0 | 25.0 | 37.5 | 75.0 | - | - | - | - | - | - | - | - |"
+    assert lines[3] == ("| 1 | 62.5 | 50.0 | 50.0 | 87.5 | 7 | - | - | 0.55 | - | 0.12 | 0.75 "
+                        "| 0.20 |")
     assert lines[-3:] == ["|---|---|---|", "| 0 | 50.0 | 50.0 |", "| 1 | 75.0 | 50.0 |"]
     assert "| iteration | count | exists |" in lines
 
@@ -373,3 +376,37 @@ def test_dynamic_sampling_refills_the_reasoner_batch(tmp_path, format_model_dir,
     assert 0 <= step["informative_share"] <= 1 and 0 <= step["groups_kept"] <= 1
     if step["groups_kept"] > 0:  # a batch of informative groups only
         assert step["zero_advantage_groups"] == 0
+
+
+def test_question_statistics_against_the_truth(tmp_path):
+    """An iteration's question statistics on hand-written files, with a truth for two of its
+    questions: 5 written, 1 invalid; 4 labeled (one with no majority), p 0.5 / 0.9 / 0.75; 2 kept,
+    whose silver answers are right ("3") and wrong ("yes" where the truth says "no")."""
+    def row(image, question, silver=None, p=None, valid=True):
+        return {"image_index": image, "question": question, "valid": valid, "choices": None,
+                "silver_answer": silver, "confidence": p}
+
+    count, exists = row(0, "How many objects are there?", "3", 0.5), row(0, "Is a red?", "yes", 0.9)
+    other, unsure = row(1, "What is this?", "cat", 0.75), row(1, "How many circles?", None, 0.25)
+    write_jsonl(tmp_path / "questions_v1.jsonl",
+                [count, exists, other, unsure, row(1, "x", valid=False)])
+    write_jsonl(tmp_path / "labeled_v1.jsonl", [count, exists, other, unsure])
+    write_jsonl(tmp_path / "kept_v1.jsonl", [count, exists])
+    scores = {"toy": {"accuracy": 0.5, "by_category": {}}}
+    (tmp_path / "eval_v1.json").write_text(json.dumps(scores))
+    truth = {(0, "How many objects are there?"): ("count_total", "3"),
+             (0, "Is a red?"): ("exists", "no"), (1, "How many circles?"): ("count_shape", "2")}
+    s = summary.iteration_summary(str(tmp_path), 1, lambda i, q: truth.get((i, q), (None, None)))
+    assert (s["generated"], s["labeled"], s["kept"], s["invalid_rate"]) == (5, 4, 2, 0.2)
+    assert s["confidence_mean"] == pytest.approx((0.5 + 0.9 + 0.75) / 3)
+    assert s["kept_confidence_mean"] == pytest.approx(0.7)
+    assert s["silver_accuracy"] == 0.5
+    assert s["family_mix"] == {"count_shape": 0.25, "count_total": 0.25, "exists": 0.25,
+                               "other": 0.25}
+    assert s["kept_family_mix"] == {"count_total": 0.5, "exists": 0.5}
+    lines = summary.format_summary([s]).splitlines()
+    assert lines[2].startswith("| 1 | 50.0 | - | - | - | 2 | 0.50 | 0.72 | 0.70 | 50.0 | 0.20 "
+                               "| 1.00 | ")  # then the pairwise BLEU, tested on its own
+    assert lines[-3:] == ["| iteration | count_shape | count_total | exists | other |",
+                          "|---|---|---|---|---|", "| 1 | 25 / 0 | 25 / 50 | 25 / 50 | 25 / 0 |"]
+    assert summary.iteration_summary(str(tmp_path), 1).get("silver_accuracy") is None

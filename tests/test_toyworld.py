@@ -56,6 +56,26 @@ def test_true_answer_by_hand(question, answer):
     assert true_answer(HAND, question) == answer
 
 
+@pytest.mark.parametrize("question, family", [
+    ("How many objects are there?", "count_total"),
+    ("How many red objects are there?", "count_color"),
+    ("How many circles are there?", "count_shape"),
+    ("How many red circles are there?", "count_color_shape"),
+    ("Is there a blue square?", "exists"),
+    ("Are there more red objects than blue objects?", "compare"),
+    ("Is the blue square left of the green triangle?", None),
+])
+def test_question_family_by_hand(question, family):
+    assert toy_world.question_family(question) == family
+
+
+def test_pool_truth_answers_the_pools_own_questions():
+    """The truth redrawn from the seed gives every pool question's family and answer."""
+    truth = toy_world.pool_truth(3)
+    for index, (_, q) in enumerate(toy_world.pool_questions(WorldConfig(), 3)):
+        assert truth(index, q.question) == (q.family, q.answer)
+
+
 def test_every_family_answers_what_the_scene_says():
     """Each generated question's answer equals the answer recomputed from the question text."""
     rng = random.Random(0)

@@ -49,7 +49,7 @@ def oracle_loop(cfg):
     if not os.path.exists(run.path("eval_v0.json")):
         evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
         free_memory()
-    summaries = [iteration_summary(run.dir, 0)]
+    summaries = [iteration_summary(run.dir, 0, run.truth)]
     for i in range(1, cfg.iterations + 1):
         before = run.base if i == 1 else run.path(f"reasoner_v{i - 1}")
         if not os.path.exists(run.path(f"kept_v{i}.jsonl")):
@@ -65,7 +65,7 @@ def oracle_loop(cfg):
             evaluate_reasoner(run, i, reasoner_path=run.path(f"reasoner_v{i}"),
                               out_path=run.path(f"eval_v{i}.json"))
             free_memory()
-        summaries.append(iteration_summary(run.dir, i))
+        summaries.append(iteration_summary(run.dir, i, run.truth))
         write_jsonl(run.path("summary.jsonl"), summaries)
     print(format_summary(summaries))
     return summaries

@@ -346,6 +346,34 @@ def true_answer(scene, question):
     return None
 
 
+def question_family(question):
+    """The family of a question written in the world's templates (the benchmark's categories:
+    count_total, count_color, count_shape, exists, compare; a count by colour and shape at once is
+    count_color_shape), or None for any other question."""
+    for pattern, kind in _QUESTION_PATTERNS:
+        m = pattern.match(question.strip())
+        if m is None:
+            continue
+        if kind != "count":
+            return kind
+        color, shape = m["color"] is not None, m["what"] != "objects"
+        return {(False, False): "count_total", (True, False): "count_color",
+                (False, True): "count_shape", (True, True): "count_color_shape"}[color, shape]
+    return None
+
+
+def pool_truth(seed, world=None):
+    """(image index, question) -> (family or None, true answer or None) on the embedded pool's
+    scenes, redrawn from the seed: for measuring the questions and silver labels of a run (the
+    loop never trains on it)."""
+    scene_list = pool_scenes(world or WorldConfig(), seed)
+
+    def truth(image_index, question):
+        return question_family(question), true_answer(scene_list[image_index], question)
+
+    return truth
+
+
 # ----------------------------------------------------------------------------
 # Image pairs for the spy game (Vision-Zero's embedded default)
 
