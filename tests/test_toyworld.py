@@ -364,3 +364,25 @@ def test_twin_changes_two_things_in_shape_and_colour_in_place():
         assert len({t.name for t in edited.things}) == len(edited.things)  # no two alike
         if len(scene.things) <= 4:  # room for both: shape AND colour change
             assert all(a.shape != b.shape and a.color != b.color for a, b in changed)
+
+
+def test_difficulty_items_are_the_valid_questions_the_truth_answers():
+    from toyworld.difficulty import accuracy, difficulty_items
+
+    rows = [{"image_index": 0, "image": "a.png", "question": "How many objects are there?",
+             "valid": True, "choices": None},
+            {"image_index": 1, "image": "b.png", "question": "Is there a red circle?",
+             "valid": True, "choices": None},
+            {"image_index": 1, "image": "b.png", "question": "What is it?", "valid": True,
+             "choices": None},
+            {"image_index": 2, "image": "c.png", "question": "How many objects are there?",
+             "valid": False, "choices": None}]
+    truth = {(0, "How many objects are there?"): ("count_total", "4"),
+             (1, "Is there a red circle?"): ("exists", "no"),
+             (2, "How many objects are there?"): ("count_total", "2")}
+    items = difficulty_items(rows, lambda i, q: truth.get((i, q), (None, None)))
+    assert [(it.id, it.images, it.answer, it.category, it.answer_type) for it in items] == [
+        ("0-0", ["a.png"], "4", "count_total", "integer"),
+        ("1-1", ["b.png"], "no", "exists", "yes_no")]
+    assert accuracy([{"correct": True}, {"correct": False}, {"correct": True}]) == 2 / 3
+    assert accuracy([]) is None
