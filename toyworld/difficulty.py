@@ -46,6 +46,10 @@ def accuracy(results):
     return sum(r["correct"] for r in results) / len(results) if results else None
 
 
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,10 +79,6 @@ def main(argv=None):
         on_every = accuracy(evaluate(model, processor, every, setting, progress=False))
         on_kept = accuracy(evaluate(model, processor, kept, setting, progress=False))
         silver = silver_accuracy(kept_rows, truth)
-
-        def pct(x):
-            return "-" if x is None else f"{100 * x:.1f}"
-
         print(f"| Q_{i} | {len(every)} | {pct(on_every)} | {len(kept)} | {pct(on_kept)} "
               f"| {pct(silver)} |", flush=True)
 
