@@ -322,24 +322,30 @@ _QUESTION_PATTERNS = [
 ]
 
 
+def _parse(question):
+    """(kind, named groups) of a question written in the world's templates, or (None, None)."""
+    for pattern, kind in _QUESTION_PATTERNS:
+        m = pattern.match(question.strip())
+        if m is not None:
+            return kind, m.groupdict()
+    return None, None
+
+
 def true_answer(scene, question):
     """The exact answer to a question written in the world's templates, or None if it is not one
     (or asks about something the scene does not determine). For analysis only: the loop never
     calls it."""
-    for pattern, kind in _QUESTION_PATTERNS:
-        m = pattern.match(question.strip())
-        if m is None:
-            continue
-        g = m.groupdict()
-        things = scene.things
-        if kind == "count":
-            shape = None if g["what"] == "objects" else g["what"][:-1]
-            if g["color"] not in (None, *COLOR_NAMES) or shape not in (None, *SHAPES):
-                return None
-            return str(sum((g["color"] is None or t.color == g["color"])
-                           and (shape is None or t.shape == shape) for t in things))
-        if kind == "exists":
-            return "yes" if any(t.name == f"{g['color']} {g['shape']}" for t in things) else "no"
+    kind, g = _parse(question)
+    things = scene.things
+    if kind == "count":
+        shape = None if g["what"] == "objects" else g["what"][:-1]
+        if g["color"] not in (None, *COLOR_NAMES) or shape not in (None, *SHAPES):
+            return None
+        return str(sum((g["color"] is None or t.color == g["color"])
+                       and (shape is None or t.shape == shape) for t in things))
+    if kind == "exists":
+        return "yes" if any(t.name == f"{g['color']} {g['shape']}" for t in things) else "no"
+    if kind == "compare":
         n1 = sum(t.color == g["c1"] for t in things)
         n2 = sum(t.color == g["c2"] for t in things)
         return "yes" if n1 > n2 else "no"
@@ -350,16 +356,12 @@ def question_family(question):
     """The family of a question written in the world's templates (the benchmark's categories:
     count_total, count_color, count_shape, exists, compare; a count by colour and shape at once is
     count_color_shape), or None for any other question."""
-    for pattern, kind in _QUESTION_PATTERNS:
-        m = pattern.match(question.strip())
-        if m is None:
-            continue
-        if kind != "count":
-            return kind
-        color, shape = m["color"] is not None, m["what"] != "objects"
-        return {(False, False): "count_total", (True, False): "count_color",
-                (False, True): "count_shape", (True, True): "count_color_shape"}[color, shape]
-    return None
+    kind, g = _parse(question)
+    if kind != "count":
+        return kind
+    color, shape = g["color"] is not None, g["what"] != "objects"
+    return {(False, False): "count_total", (True, False): "count_color",
+            (False, True): "count_shape", (True, True): "count_color_shape"}[color, shape]
 
 
 def pool_truth(seed, world=None):
