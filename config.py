@@ -32,6 +32,8 @@ class ModelConfig:
 class DataConfig:
     images: str | None = None         # folder (recursive) or JSONL manifest; None: embedded pool
     max_images: int | None = None     # at most this many (the released code used 1000); None: all
+    toy_language: str = "basic"       # embedded default only: basic | compositional (questions
+                                      # of the toy world, `toyworld.world.LANGUAGES`)
 
 
 @dataclass
@@ -273,6 +275,8 @@ def _check(cfg):
     need(model.decode_check_every >= 1, "model.decode_check_every", "must be >= 1")
     need(cfg.data.max_images is None or cfg.data.max_images >= 1, "data.max_images",
          "must be >= 1 or null")
+    need(cfg.data.toy_language in ("basic", "compositional"), "data.toy_language",
+         "must be basic or compositional")
     for role in ("questioner", "reasoner", "spy"):
         stage = getattr(cfg, role)
         need(stage.steps >= 0, f"{role}.steps",

@@ -253,10 +253,12 @@ class Run:
         if os.path.isdir(self.path("embedded", "base")):
             log.info("reusing the embedded world built earlier in %s", self.path("embedded"))
         if distributed.is_main():
-            world = build_embedded(self.path("embedded"), self.cfg.seed)
+            world = build_embedded(self.path("embedded"), self.cfg.seed,
+                                   self.cfg.data.toy_language)
         distributed.barrier()
         if not distributed.is_main():
-            world = build_embedded(self.path("embedded"), self.cfg.seed)
+            world = build_embedded(self.path("embedded"), self.cfg.seed,
+                                   self.cfg.data.toy_language)
         return world
 
     def _check_shared(self):

@@ -111,7 +111,7 @@ def make_items(count, image_side, seed=0):
     scene_list = scenes(seed, count, rows=world.rows, cols=world.cols,
                         things=world.shifted_things)
     items = []
-    for scene, q in balanced_questions(scene_list, seed + 1):
+    for scene, q in balanced_questions(scene_list, seed + 1, world.families):
         objects = [(t.shape, t.color, t.row, t.col, SHAPE_SCALE[t.shape]) for t in scene.things]
         image = render_shapes(objects, rows=world.rows, cols=world.cols,
                               cell=image_side // world.cols, background=BACKGROUND)

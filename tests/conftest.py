@@ -17,7 +17,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 from data import write_jsonl  # noqa: E402
 from models.tiny import build_tiny_vlm  # noqa: E402
 from roles import QUESTIONER_INSTRUCTION, reasoner_text  # noqa: E402
-from toyworld.world import FAMILIES, make_question, questioner_target, random_scene  # noqa: E402
+from toyworld.world import LANGUAGES, make_question, questioner_target, random_scene  # noqa: E402
 
 
 def tiny_corpus():
@@ -25,7 +25,7 @@ def tiny_corpus():
     texts = [QUESTIONER_INSTRUCTION] * 20
     for seed in range(200):
         rng = random.Random(seed)
-        q = make_question(FAMILIES[seed % 4],
+        q = make_question(LANGUAGES["basic"][seed % 4],
                           random_scene(rng, rows=4, cols=4, min_things=2, max_things=6), rng)
         texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
     return texts
@@ -62,7 +62,7 @@ def benchmark_file(tmp_path_factory):
     rows = []
     for i in range(16):
         scene = random_scene(rng, rows=4, cols=4, min_things=2, max_things=6)
-        q = make_question(FAMILIES[i % 4], scene, rng)
+        q = make_question(LANGUAGES["basic"][i % 4], scene, rng)
         scene.render().save(root / f"{i}.png")
         rows.append({"id": str(i), "image": f"{i}.png", "question": q.question, "answer": q.answer,
                      "choices": q.choices, "category": q.family})

@@ -176,6 +176,7 @@ def test_wrong_type(tmp_path, text, key):
     ("device: gpu\n", "device"),
     ("iterations: 0\n", "iterations"),
     ("data:\n  max_images: 0\n", "data.max_images"),
+    ("data:\n  toy_language: spatial\n", "data.toy_language"),
     # each of these was once reported under another key (kl_coef, eps_low, answer_temperature,
     # labeling.*): the message must start with the key that is wrong
     ("questioner:\n  lr: -1.0e-5\n", "questioner.lr"),

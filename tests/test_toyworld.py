@@ -51,6 +51,19 @@ HAND = scene_of(("circle", "red", 0, 0), ("square", "blue", 0, 2), ("square", "r
     ("Are there more red objects than blue objects?", "yes"),
     ("Are there more green objects than blue objects?", "no"),  # 1 vs 1
     ("What is the meaning of this?", None),
+    # the compositional counts
+    ("How many objects are red or blue?", "4"),
+    ("How many objects are circles or squares?", "4"),
+    ("How many objects are red or circles?", "3"),
+    ("How many objects are green or triangles?", "1"),
+    ("How many objects are not red?", "2"),
+    ("How many objects are not squares?", "3"),
+    ("How many objects are red but not circles?", "1"),
+    ("How many objects are squares but not red?", "1"),
+    ("How many objects are circles but not red?", "0"),
+    ("How many objects are not red or blue?", None),   # not in the language
+    ("How many objects are circles or red?", None),    # colours come first
+    ("How many objects are red or red?", None),
 ])
 def test_true_answer_by_hand(question, answer):
     assert true_answer(HAND, question) == answer
@@ -64,9 +77,25 @@ def test_true_answer_by_hand(question, answer):
     ("Is there a blue square?", "exists"),
     ("Are there more red objects than blue objects?", "compare"),
     ("Is the blue square left of the green triangle?", None),
+    ("How many objects are red or circles?", "count_or"),
+    ("How many objects are not circles?", "count_not"),
+    ("How many objects are circles but not red?", "count_but"),
+    ("How many objects are not red or blue?", None),
 ])
 def test_question_family_by_hand(question, family):
     assert toy_world.question_family(question) == family
+
+
+def test_compositional_predicates_by_hand():
+    """4 colours and 3 shapes: 6 colour pairs + 3 shape pairs + 12 colour-shape pairs joined by
+    "or", 7 negations, 12 + 12 "but not"; every predicate appears in some generated question."""
+    assert {f: len(toy_world.PREDICATES[f]) for f in toy_world.PREDICATES} == {
+        "count_or": 21, "count_not": 7, "count_but": 24}
+    rng = random.Random(0)
+    scene = random_scene(rng, rows=4, cols=4, min_things=8, max_things=8)
+    asked = {make_question(f, scene, rng).question for f in toy_world.PREDICATES
+             for _ in range(2000)}
+    assert len(asked) == 52 and "How many objects are yellow or triangles?" in asked
 
 
 def test_pool_truth_answers_the_pools_own_questions():
@@ -177,12 +206,15 @@ def test_thing_and_cell_names_are_one_token_each_with_their_space():
     assert tokenizer.decode(ids) == text
 
 
-def test_benchmark_is_balanced_and_splits_are_disjoint(tmp_path):
-    world = WorldConfig(pool_images=64, benchmark_items=160)
+@pytest.mark.parametrize("language, families", [("basic", 5), ("compositional", 8)])
+def test_benchmark_is_balanced_and_splits_are_disjoint(tmp_path, language, families):
+    world = WorldConfig(pool_images=64, benchmark_items=160, language=language)
     path = toy_world.write_benchmark(str(tmp_path / "bench"), world, seed=0)
     rows = read_jsonl(path)
     counts = {f: sum(r["category"] == f for r in rows) for f in FAMILIES}
-    assert len(rows) == 160 and max(counts.values()) - min(counts.values()) <= 4, counts
+    asked = {f for f, n in counts.items() if n}
+    assert len(rows) == 160 and asked == set(world.families) and len(asked) == families
+    assert max(counts[f] for f in asked) - min(counts[f] for f in asked) <= 4, counts
     toy_world.write_pool(str(tmp_path / "pool"), world, seed=0)
     pool_files = sorted(os.listdir(tmp_path / "pool"))
     # images only
@@ -315,6 +347,51 @@ def test_the_shipped_base_verifies_and_loads(tmp_path):
     assert model.config.text_config.vocab_size >= len(processor.tokenizer)
     pieces = processor.tokenizer.tokenize("Found: red circle b3.")
     assert " red circle" in pieces and " b3" in pieces
+
+
+def test_an_embedded_world_is_refused_for_another_seed_or_language(tmp_path):
+    """RUN/embedded/world.json records what the world was built for; a run asking for another
+    seed or language stops before building anything."""
+    folder = tmp_path / "embedded"
+    folder.mkdir()
+    (folder / "world.json").write_text('{"seed": 0, "language": "basic"}')
+    for seed, language in ((0, "compositional"), (1, "basic")):
+        with pytest.raises(ValueError, match="world.json: this world was built for"):
+            toy_base.build_embedded(str(folder), seed, language)
+    assert os.listdir(folder) == ["world.json"]
+
+
+def test_each_recipe_draws_its_families_by_its_weights():
+    """Family shares of 3000 pretraining examples (30% the questioner's) against the shares the
+    weights give, worked out by hand, within about three standard errors: basic, both roles:
+    count_total 0.7 / 4.7 = 14.9%; compositional, the reasoner's count_total 1.5 / (1.5 + 3 x 0.6
+    + 4) = 20.5%, the questioner's long-list families (count_total, count_or, count_not)
+    3 x 0.15 / (0.45 + 5) = 8.3%."""
+    _, processor = load_vlm(toy_base.SHIPPED_BASE)
+
+    def shares(language):
+        world, recipe = WorldConfig(language=language), toy_base.RECIPES[language]
+        rng, asked, answered = random.Random(5), [], []
+        for _ in range(3000):
+            prompt, target = toy_base.pretraining_example(rng, processor, world, recipe)
+            text = processor.tokenizer.decode(target, skip_special_tokens=True)
+            written = re.search(r"<question>(.*?)</question>", text)
+            if written:  # the questioner's <type>...<question>...<answer>...
+                asked.append(toy_world.question_family(written.group(1)))
+            else:  # the reasoner's chain: its family from the prompt's question
+                shown = processor.tokenizer.decode(prompt.input_ids, skip_special_tokens=True)
+                answered.append(toy_world.question_family(
+                    re.search(r"(How many|Is there|Are there)[^?]*\?", shown).group(0)))
+        return asked, answered
+
+    asked, answered = shares("basic")
+    assert 0.125 < answered.count("count_total") / len(answered) < 0.175
+    assert 0.11 < asked.count("count_total") / len(asked) < 0.19
+    assert set(asked) == set(answered) == set(toy_world.LANGUAGES["basic"])
+    asked, answered = shares("compositional")
+    assert 0.175 < answered.count("count_total") / len(answered) < 0.235
+    long = sum(f in ("count_total", "count_or", "count_not") for f in asked) / len(asked)
+    assert 0.05 < long < 0.12 and set(asked) == set(toy_world.LANGUAGES["compositional"])
 
 
 def test_cut_list_by_hand():

@@ -11,6 +11,7 @@
 """
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -20,17 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from data import atomic_path
+from data import atomic_path, write_json
 from models.inputs import special_tokens
 from models.load import save_vlm
 from models.logprobs import completion_logprobs
 from models.tiny import build_tiny_vlm
 from roles import QUESTIONER_INSTRUCTION, questioner_prompt, reasoner_prompt, reasoner_text
-from toyworld.world import (FAMILIES, WorldConfig, balanced_questions, cut_list, make_question,
+from toyworld.world import (WorldConfig, balanced_questions, cut_list, make_question,
                             pool_questions, pretraining_scene, questioner_target, scenes,
                             world_tokens, write_benchmark, write_pool, write_questions)
 
 log = logging.getLogger("visplay")
+COMPOSITIONAL = ("count_or", "count_not", "count_but")
+LONG_LISTS = ("count_total", "count_or", "count_not")
 
 
 @dataclass
@@ -50,9 +53,24 @@ class BaseConfig:
                                        # the reasoner's
     describe_weight: float = 0.7       # weight of count_total (whose chain names every object):
                                        # long lists stay rare, so the base under-counts big scenes
+    compositional_weight: float = 1.0  # weight of each combined-filter family (count_or,
+                                       # count_not, count_but); every other family 1
+    questioner_long_weight: float | None = None  # the questioner's own mix: weight of the families
+                                       # whose lists run long on crowded scenes (count_total,
+                                       # count_or, count_not), every other family 1; None: the
+                                       # questioner's examples draw families like the reasoner's
     lazy_share: float = 0.4            # share of the reasoner's count lists longer than
     lazy_after: int = 3                # lazy_after things that stop there, the count to match
     freeze_vision: bool = False        # keep the randomly initialised vision blocks fixed
+
+
+# The base recipe of each question language (`toyworld.world.LANGUAGES`). The compositional one
+# gives the reasoner more full lists (count_total 1.5) and fewer combined filters (0.6 each), and
+# the base questioner a mix that seldom asks for long lists (0.15), so that its own questions are
+# mostly ones the base answers with certainty (docs/toyworld.md, "The compositional language").
+RECIPES = {"basic": BaseConfig(),
+           "compositional": BaseConfig(describe_weight=1.5, compositional_weight=0.6,
+                                       questioner_long_weight=0.15)}
 
 
 def encode_target(processor, text):
@@ -61,16 +79,30 @@ def encode_target(processor, text):
     return tokenizer(text, add_special_tokens=False).input_ids + [end]
 
 
+def _question(rng, scene, families, weights):
+    q = None
+    while q is None:
+        q = make_question(rng.choices(families, weights)[0], scene, rng)
+    return q
+
+
 def pretraining_example(rng, processor, world, base):
     """One (prompt, target ids) pair on a fresh base-domain scene: a question written by the
     questioner, or an answer by the reasoner (its chain, then the boxed answer)."""
     scene = pretraining_scene(rng, world)
-    weights = [base.describe_weight if f == "count_total" else 1.0 for f in FAMILIES]
-    q = None
-    while q is None:
-        q = make_question(rng.choices(FAMILIES, weights)[0], scene, rng)
+    families = world.families
+    weights = [base.describe_weight if f == "count_total" else
+               base.compositional_weight if f in COMPOSITIONAL else 1.0 for f in families]
+    if base.questioner_long_weight is None:  # one mix for both roles: the family, then the role
+        q = _question(rng, scene, families, weights)
+        asks = rng.random() < base.questioner_share
+    else:  # the role first, then a family from that role's mix
+        asks = rng.random() < base.questioner_share
+        if asks:
+            weights = [base.questioner_long_weight if f in LONG_LISTS else 1.0 for f in families]
+        q = _question(rng, scene, families, weights)
     image = scene.render()
-    if rng.random() < base.questioner_share:
+    if asks:
         return questioner_prompt(processor, image), encode_target(processor, questioner_target(q))
     if (base.lazy_share and q.family.startswith("count") and int(q.answer) > base.lazy_after
             and rng.random() < base.lazy_share):
@@ -119,25 +151,26 @@ def pretrain(model, processor, *, world, base, seed, example=pretraining_example
     return losses
 
 
-def corpus(seed, count=4000):
+def corpus(seed, world=None, count=4000):
     """Texts the tiny tokenizer is trained on: both roles' prompts and targets of the world."""
-    world = WorldConfig()
+    world = world or WorldConfig()
     texts = [QUESTIONER_INSTRUCTION] * (count // 8)  # frequent enough to become a few tokens
     scene_list = scenes(seed + 7, count, rows=world.rows, cols=world.cols,
                         things=(1, world.max_things))
-    for scene, q in balanced_questions(scene_list, seed + 8):
+    for scene, q in balanced_questions(scene_list, seed + 8, world.families):
         texts += [reasoner_text(q.question), q.solution, questioner_target(q)]
     return texts
 
 
 def build_base(path, seed, world=None, base=None):
     """Build the tiny base (tokenizer, processor, model), pretrain it and save it atomically to
-    `path`."""
-    world, base = world or WorldConfig(), base or BaseConfig()
+    `path`. `base`: the recipe; default: the one of the world's language (RECIPES)."""
+    world = world or WorldConfig()
+    base = base or RECIPES[world.language]
     started = time.perf_counter()
     scratch = path.rstrip("/") + ".init"
     model, processor = build_tiny_vlm(
-        scratch, corpus(seed), seed=seed, vocab_size=base.vocab_size, min_pixels=28 * 28,
+        scratch, corpus(seed, world), seed=seed, vocab_size=base.vocab_size, min_pixels=28 * 28,
         max_pixels=world.rows * world.cols * 28 * 28, hidden_size=base.hidden_size,
         layers=base.layers, heads=base.heads, kv_heads=base.kv_heads,
         vision_hidden=base.vision_hidden, vision_depth=base.vision_depth,
@@ -195,17 +228,28 @@ def copy_verified(source, dest):
             shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
 
 
-def build_embedded(folder, seed):
+def build_embedded(folder, seed, language="basic"):
     """The embedded default's files, built once per folder (each piece atomically, so a rerun
-    reuses it). The base of seed SHIPPED_SEED is the repository's embedded_base/ (verified by its
-    checksums: every machine gets the same base, bit for bit); other seeds build their own.
+    reuses it). The basic language's base of seed SHIPPED_SEED is the repository's embedded_base/
+    (verified by its checksums: every machine gets the same base, bit for bit); other seeds and the
+    compositional language build their own. folder/world.json records the seed and language: a
+    folder built for others is refused (ValueError naming it).
 
     Returns {"base": model folder, "pool": unlabeled image folder, "benchmark": labeled JSONL,
     "pool_questions": labeled JSONL of one question per pool image (diagnosis: the loop never
     reads it; evaluated like a benchmark, it shows what the pool's questions could teach)}.
     """
-    world = WorldConfig()
+    world = WorldConfig(language=language)
     os.makedirs(folder, exist_ok=True)
+    stamp, wanted = os.path.join(folder, "world.json"), {"seed": seed, "language": language}
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            built = json.load(f)
+        if built != wanted:
+            raise ValueError(f"{stamp}: this world was built for {built}, the run asks for "
+                             f"{wanted}; use another run_dir")
+    else:
+        write_json(stamp, wanted)
     paths = {"base": os.path.join(folder, "base"), "pool": os.path.join(folder, "pool"),
              "benchmark": os.path.join(folder, "benchmark", "benchmark.jsonl"),
              "pool_questions": os.path.join(folder, "pool_questions", "benchmark.jsonl")}
@@ -219,7 +263,7 @@ def build_embedded(folder, seed):
         with atomic_path(os.path.dirname(paths["pool_questions"])) as tmp:
             write_questions(tmp, pool_questions(world, seed))
     if not os.path.isdir(paths["base"]):
-        if seed == SHIPPED_SEED and os.path.isdir(SHIPPED_BASE):
+        if seed == SHIPPED_SEED and language == "basic" and os.path.isdir(SHIPPED_BASE):
             copy_verified(SHIPPED_BASE, paths["base"])
             log.info("base: the shipped %s (checksums verified)", SHIPPED_BASE)
         else:

@@ -4,6 +4,7 @@ as a user would (the oracle through `python -m toyworld.oracle`).
 
     python -m toyworld.claim                      # seeds 0 1 2, every setting
     python -m toyworld.claim --seeds 0 --settings full oracle
+    python -m toyworld.claim --set data.toy_language=compositional --out runs/claim_compositional
 
 Settings (each on the same seeds, so on the same base, pool and benchmark per seed):
     full           config.yaml as it is

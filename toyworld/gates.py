@@ -41,7 +41,7 @@ def base_domain_questions(world, seed, count):
     """`count` questions about fresh scenes drawn like the pretraining scenes."""
     rng = random.Random(seed + 20)
     return balanced_questions(
-        [pretraining_scene(rng, world) for _ in range(count)], seed + 21)
+        [pretraining_scene(rng, world) for _ in range(count)], seed + 21, world.families)
 
 
 def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed, cfg):
@@ -66,8 +66,8 @@ def answers(model, processor, items, *, samples, sampling, max_new_tokens, seed,
 
 def score(items, greedy, sampled, ks=(8, 16), lazy_after=None):
     """Per family and overall: n, greedy, and with samples majority@k for each k, pass@8 and the
-    mean sampled accuracy (pass@1). With `lazy_after`, count_total is also split at it: the
-    lists the pretraining annotator sometimes cut (`base.BaseConfig.lazy_share`) and the
+    mean sampled accuracy (pass@1). With `lazy_after`, every count family is also split at it:
+    the lists the pretraining annotator sometimes cut (`base.BaseConfig.lazy_share`) and the
     ones it always wrote in full."""
     rows = {}
     for item, text, texts in zip(items, greedy, sampled):
@@ -83,8 +83,8 @@ def score(items, greedy, sampled, ks=(8, 16), lazy_after=None):
             row["pass@8"] = any(correct[:8])
             row["pass@1"] = sum(correct) / len(correct)
         keys = [item.category, "overall"]
-        if lazy_after is not None and item.category == "count_total":
-            keys.append(split_key(int(item.answer) > lazy_after, lazy_after))
+        if lazy_after is not None and item.category.startswith("count"):
+            keys.append(split_key(item.category, int(item.answer) > lazy_after, lazy_after))
         for key in keys:
             rows.setdefault(key, []).append(row)
     return {key: {"n": len(group), **{m: 100 * sum(r[m] for r in group) / len(group)
@@ -92,8 +92,8 @@ def score(items, greedy, sampled, ks=(8, 16), lazy_after=None):
             for key, group in rows.items()}
 
 
-def split_key(cut, lazy_after):
-    return f"count_total, {'more than' if cut else 'at most'} {lazy_after} things"
+def split_key(family, cut, lazy_after):
+    return f"{family}, {'more than' if cut else 'at most'} {lazy_after} things"
 
 
 def table(title, scores):
@@ -110,8 +110,8 @@ def table(title, scores):
 def gates(base, out, seed, *, perception_items=400, samples=16, overrides=()):
     """Both gates of one base; returns {"perception": scores, "premise": scores, ...}.
     `overrides`: config.yaml overrides ("labeling.temperature=1.2") for the sampling."""
-    world = WorldConfig()
     cfg = load_config(os.path.join(ROOT, "config.yaml"), list(overrides))
+    world = WorldConfig(language=cfg.data.toy_language)
     labeling = cfg.labeling
     model, processor = load_vlm(base)
     model.eval()
@@ -132,9 +132,10 @@ def gates(base, out, seed, *, perception_items=400, samples=16, overrides=()):
     overall = result["premise"]["overall"]
     result["premise_gap"] = overall["maj@8"] - overall["greedy"]
     perception = result["perception"]
-    result["perception_min"] = min(perception[f]["greedy"] for f in FAMILIES)
-    # the same with count_total judged only where the annotator always listed every thing
-    complete = [f for f in FAMILIES if f != "count_total"] + [split_key(False, lazy_after)]
+    result["perception_min"] = min(perception[f]["greedy"] for f in world.families)
+    # the same with the count families judged only where the annotator always listed every thing
+    complete = [split_key(f, False, lazy_after) if f.startswith("count") else f
+                for f in world.families]
     result["perception_min_complete"] = min(perception[f]["greedy"] for f in complete
                                             if f in perception)
     return result
@@ -152,7 +153,9 @@ def main():
                         help="a config.yaml override, e.g. labeling.temperature=1.2 (repeatable)")
     args = parser.parse_args()
     out = args.out or os.path.join(ROOT, "runs", "gates", f"seed{args.seed}")
-    base = args.base or build_embedded(os.path.join(out, "embedded"), args.seed)["base"]
+    language = load_config(os.path.join(ROOT, "config.yaml"), args.set).data.toy_language
+    base = args.base or build_embedded(os.path.join(out, "embedded"), args.seed,
+                                       language)["base"]
     if not os.path.isdir(base):
         sys.exit(f"error: base model folder {base!r} does not exist")
     result = gates(base, out, args.seed, samples=args.samples, overrides=args.set)

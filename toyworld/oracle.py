@@ -32,10 +32,12 @@ def true_questions(run, iteration):
     """`generation.questions_per_image` questions with true answers for every pool image (the
     pool's scenes redrawn from the seed, `world.pool_scenes`)."""
     seed = run.cfg.seed
-    pool = pool_scenes(WorldConfig(), seed)
+    world = WorldConfig(language=run.cfg.data.toy_language)
+    pool = pool_scenes(world, seed)
     assert len(pool) == len(run.pool), "the oracle needs the embedded default's pool"
     per_image = run.cfg.generation.questions_per_image
-    questions = balanced_questions(pool, seed + 100 + iteration, per_scene=per_image)
+    questions = balanced_questions(pool, seed + 100 + iteration, world.families,
+                                   per_scene=per_image)
     return [{"image": run.pool.paths[index // per_image], "image_index": index // per_image,
              "valid": True, "type": q.type, "question": q.question, "questioner_answer": q.answer,
              "choices": q.choices, "answers": [q.answer], "silver_answer": q.answer,

@@ -7,7 +7,8 @@ No pretrained VLM can be downloaded here, so the project brings its own small wo
   merge 2); each cell's background is tinted by its position.
 - Question families with answers computed from the scene: counting (by colour, by shape, in
   total), existence (absent objects included: the hallucination probe) and comparisons, as
-  numerical and yes/no questions.
+  numerical and yes/no questions; the compositional language (`LANGUAGES`) adds counts under
+  combined filters ("red or circles", "not red", "red but not circles").
   The reasoner's chains list the things involved, one token each, in any order, then give the
   answer in \\boxed{}.
 - Splits from disjoint seeds: pretraining scenes (few objects), the unlabeled pool that self-play
@@ -35,7 +36,15 @@ SHAPES = ("circle", "square", "triangle")
 # pretraining steps), "attribute" ("What color is the shape in row 2, column 3?": 68% on
 # base-domain scenes, 26% on the pool's after 4000 steps) and "count_both" ("How many red
 # circles?": 0 or 1 since no two things are alike, an existence question).
-FAMILIES = ("count_color", "count_shape", "count_total", "exists", "compare")
+# The question languages (`WorldConfig.language`): "basic", five families; "compositional" adds
+# counts under combined filters ("How many objects are red or circles?", "... not red?", "... red
+# but not circles?"), where the questioner has more to choose from (docs/toyworld.md).
+LANGUAGES = {
+    "basic": ("count_color", "count_shape", "count_total", "exists", "compare"),
+    "compositional": ("count_color", "count_shape", "count_total", "count_or", "count_not",
+                      "count_but", "exists", "compare"),
+}
+FAMILIES = LANGUAGES["compositional"]  # every family the templates parse, in table order
 COLOR_NAMES = tuple(COLORS)
 # The image processor's normalisation mean (CLIP's) as a colour: empty cells normalise to ~0, so the
 # vision features carry the objects rather than a large constant from the background.
@@ -168,8 +177,8 @@ def _names(things, rng):
 def _count(family, scene, rng):
     color, shape = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
     if family == "count_color":
-        match, what, target = ([t for t in scene.things if t.color == color], f"{color} objects",
-                                color)
+        match = [t for t in scene.things if t.color == color]
+        what, target = f"{color} objects", color
     elif family == "count_shape":
         match, what, target = [t for t in scene.things if t.shape == shape], f"{shape}s", shape
     else:
@@ -203,8 +212,57 @@ def _compare(scene, rng):
                     f"\\boxed{{{answer}}}")
 
 
+def _atom_text(atom):
+    """A colour as itself ("red"), a shape in the plural ("circles")."""
+    return atom if atom in COLORS else atom + "s"
+
+
+def _atom_test(atom):
+    return (lambda t: t.color == atom) if atom in COLORS else (lambda t: t.shape == atom)
+
+
+def predicates(family):
+    """Every (text, test) of a compositional count family: "red or blue", "circles or squares",
+    "red or circles" (count_or: 21); "not red", "not circles" (count_not: 7); "red but not
+    circles", "circles but not red" (count_but: 24). test(thing) -> bool."""
+    atoms = COLOR_NAMES + SHAPES
+    out = []
+    if family == "count_or":
+        for i, a in enumerate(atoms):
+            for b in atoms[i + 1:]:
+                if not (a in SHAPES and b in COLORS):
+                    test_a, test_b = _atom_test(a), _atom_test(b)
+                    out.append((f"{_atom_text(a)} or {_atom_text(b)}",
+                                lambda t, x=test_a, y=test_b: x(t) or y(t)))
+    elif family == "count_not":
+        for a in atoms:
+            out.append((f"not {_atom_text(a)}", lambda t, x=_atom_test(a): not x(t)))
+    elif family == "count_but":
+        for a, b in [(c, s) for c in COLOR_NAMES for s in SHAPES] + [
+                (s, c) for s in SHAPES for c in COLOR_NAMES]:
+            out.append((f"{_atom_text(a)} but not {_atom_text(b)}",
+                        lambda t, x=_atom_test(a), y=_atom_test(b): x(t) and not y(t)))
+    return out
+
+
+PREDICATES = {family: dict(predicates(family))
+              for family in ("count_or", "count_not", "count_but")}
+
+
+def _count_predicate(family, scene, rng):
+    """"How many objects are red or blue?": the chain names the predicate, then lists the things
+    that satisfy it: "red or blue: red circle blue square. \\boxed{2}"."""
+    text = rng.choice(sorted(PREDICATES[family]))
+    match = [t for t in scene.things if PREDICATES[family][text](t)]
+    n = str(len(match))
+    return Question(family, "numerical", f"How many objects are {text}?", n, None,
+                    f"{text}: {_names(match, rng)}. \\boxed{{{n}}}")
+
+
 def make_question(family, scene, rng):
     """A question of `family` about `scene`, or None when the scene cannot support it."""
+    if family in PREDICATES:
+        return _count_predicate(family, scene, rng)
     if family.startswith("count"):
         return _count(family, scene, rng)
     writers = {"exists": _exists, "compare": _compare}
@@ -236,6 +294,12 @@ class WorldConfig:
     shifted_things: tuple = (4, 8)      # the unlabeled pool and the benchmark: uniform, more
     pool_images: int = 512
     benchmark_items: int = 1024
+    language: str = "basic"             # the question families (LANGUAGES) of the base's
+                                        # pretraining, the benchmark and the pool's questions
+
+    @property
+    def families(self):
+        return LANGUAGES[self.language]
 
 
 def pretraining_scene(rng, world):
@@ -253,15 +317,15 @@ def scenes(seed, count, *, rows, cols, things):
             for _ in range(count)]
 
 
-def balanced_questions(scene_list, seed, per_scene=1):
-    """Questions balanced over FAMILIES: each scene gets the family asked least so far (ties in
-    FAMILIES order); a scene that cannot host it gets the next least."""
+def balanced_questions(scene_list, seed, families, per_scene=1):
+    """Questions balanced over `families`: each scene gets the family asked least so far (ties in
+    `families` order); a scene that cannot host it gets the next least."""
     rng = random.Random(seed)
-    out, counts = [], {family: 0 for family in FAMILIES}
+    out, counts = [], {family: 0 for family in families}
     for scene in scene_list:
         for _ in range(per_scene):
             q = None
-            for family in sorted(FAMILIES, key=lambda f: (counts[f], FAMILIES.index(f))):
+            for family in sorted(families, key=lambda f: (counts[f], families.index(f))):
                 q = make_question(family, scene, rng)
                 if q is not None:
                     counts[family] += 1
@@ -275,7 +339,8 @@ def write_benchmark(folder, world, seed):
     path."""
     benchmark_scenes = scenes(seed + 2, world.benchmark_items, rows=world.rows, cols=world.cols,
                               things=world.shifted_things)
-    return write_questions(folder, balanced_questions(benchmark_scenes, seed + 3))
+    return write_questions(folder, balanced_questions(benchmark_scenes, seed + 3,
+                                                      world.families))
 
 
 def write_questions(folder, items):
@@ -303,7 +368,7 @@ def pool_scenes(world, seed):
 def pool_questions(world, seed):
     """One labeled question about each pool image: the world's view of what the pool can teach,
     for diagnosis only (the loop never reads it)."""
-    return balanced_questions(pool_scenes(world, seed), seed + 30)
+    return balanced_questions(pool_scenes(world, seed), seed + 30, world.families)
 
 
 def write_pool(folder, world, seed):
@@ -318,6 +383,7 @@ _QUESTION_PATTERNS = [
     (re.compile(r"^How many (?:(?P<color>\w+) )?(?P<what>objects|circles|squares|triangles) "
                 r"are there\?$"), "count"),
     (re.compile(r"^Is there a (?P<color>\w+) (?P<shape>\w+)\?$"), "exists"),
+    (re.compile(r"^How many objects are (?P<predicate>[a-z ]+)\?$"), "predicate"),
     (re.compile(r"^Are there more (?P<c1>\w+) objects than (?P<c2>\w+) objects\?$"), "compare"),
 ]
 
@@ -349,14 +415,26 @@ def true_answer(scene, question):
         n1 = sum(t.color == g["c1"] for t in things)
         n2 = sum(t.color == g["c2"] for t in things)
         return "yes" if n1 > n2 else "no"
+    if kind == "predicate":
+        family = _predicate_family(g["predicate"])
+        return None if family is None else str(sum(map(PREDICATES[family][g["predicate"]],
+                                                       things)))
     return None
+
+
+def _predicate_family(text):
+    """The compositional family whose predicates include `text` ("red or circles"), or None."""
+    return next((family for family, tests in PREDICATES.items() if text in tests), None)
 
 
 def question_family(question):
     """The family of a question written in the world's templates (the benchmark's categories:
-    count_total, count_color, count_shape, exists, compare; a count by colour and shape at once is
+    count_total, count_color, count_shape, count_or, count_not, count_but, exists, compare; a count
+    by colour and shape at once is
     count_color_shape), or None for any other question."""
     kind, g = _parse(question)
+    if kind == "predicate":
+        return _predicate_family(g["predicate"])
     if kind != "count":
         return kind
     color, shape = g["color"] is not None, g["what"] != "objects"
