@@ -428,10 +428,8 @@ def _predicate_family(text):
 
 
 def question_family(question):
-    """The family of a question written in the world's templates (the benchmark's categories:
-    count_total, count_color, count_shape, count_or, count_not, count_but, exists, compare; a count
-    by colour and shape at once is
-    count_color_shape), or None for any other question."""
+    """The family of a question written in the world's templates (a benchmark category: one of
+    FAMILIES, or count_color_shape for a count by colour and shape at once), or None."""
     kind, g = _parse(question)
     if kind == "predicate":
         return _predicate_family(g["predicate"])
