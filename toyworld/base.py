@@ -27,12 +27,11 @@ from models.load import save_vlm
 from models.logprobs import completion_logprobs
 from models.tiny import build_tiny_vlm
 from roles import QUESTIONER_INSTRUCTION, questioner_prompt, reasoner_prompt, reasoner_text
-from toyworld.world import (WorldConfig, balanced_questions, cut_list, make_question,
-                            pool_questions, pretraining_scene, questioner_target, scenes,
-                            world_tokens, write_benchmark, write_pool, write_questions)
+from toyworld.world import (COMPOSITIONAL, WorldConfig, balanced_questions, cut_list,
+                            make_question, pool_questions, pretraining_scene, questioner_target,
+                            scenes, world_tokens, write_benchmark, write_pool, write_questions)
 
 log = logging.getLogger("visplay")
-COMPOSITIONAL = ("count_or", "count_not", "count_but")
 LONG_LISTS = ("count_total", "count_or", "count_not")
 
 

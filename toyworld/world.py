@@ -45,6 +45,7 @@ LANGUAGES = {
                       "count_but", "exists", "compare"),
 }
 FAMILIES = LANGUAGES["compositional"]  # every family the templates parse, in table order
+COMPOSITIONAL = ("count_or", "count_not", "count_but")  # the combined-filter counts (PREDICATES)
 COLOR_NAMES = tuple(COLORS)
 # The image processor's normalisation mean (CLIP's) as a colour: empty cells normalise to ~0, so the
 # vision features carry the objects rather than a large constant from the background.
@@ -245,8 +246,7 @@ def predicates(family):
     return out
 
 
-PREDICATES = {family: dict(predicates(family))
-              for family in ("count_or", "count_not", "count_but")}
+PREDICATES = {family: dict(predicates(family)) for family in COMPOSITIONAL}
 
 
 def _count_predicate(family, scene, rng):
