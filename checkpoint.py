@@ -275,6 +275,17 @@ def done_parts(out_path):
     distributed.barrier()
 
 
+def step_outputs(iteration):
+    """What each step of an iteration writes, in the order the run makes it: per step, its
+    outputs, the last of which marks the step done (iteration 0: the base's evaluation)."""
+    i = iteration
+    if i == 0:
+        return [("eval_v0_items.jsonl", "eval_v0.json")]
+    return [(f"questioner_v{i}",), (f"questions_v{i}.jsonl",),
+            (f"labeled_v{i}.jsonl", f"kept_v{i}.jsonl"), (f"reasoner_v{i}",),
+            (f"eval_v{i}_items.jsonl", f"eval_v{i}.json")]
+
+
 def clean_leftovers(run_dir, iteration):
     """Remove what a kill can leave behind a finished stage of a VisPlay iteration: the part
     files of an output already merged, the checkpoints of a stage already exported (and the

@@ -116,6 +116,15 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    """When the loop stops before `iterations` (guard.py); may change on a rerun."""
+    min_yield: float | None = 0.05    # kept / labeled below this stops an iteration before its
+                                      # reasoner stage; None: never
+    max_eval_drop: float | None = None  # greedy accuracy on the first benchmark this many points
+                                      # below the run's best stops the run there; None: never
+
+
+@dataclass
 class SpyConfig(StageConfig):
     """Vision-Zero's game (method: vision-zero; docs/vision_zero.md): the paper's settings.
     prompts_per_step: games per step; group_size: sampled votes per civilian; max_new_tokens:
@@ -139,12 +148,16 @@ class SpyConfig(StageConfig):
     schedule: str = "iterative-spo"   # iterative-spo (paper) | alternate (released: every step)
     phase_mask: bool = True           # False: the released code's clue steps train votes too
     ema_rho: float = 0.95             # EMA of vote accuracy and n/a rate
+    ema_debias: bool = False          # the switch reads the EMAs / (1 - rho^t) (from 0 otherwise)
     acc_up: float = 0.9               # decision -> clue when acc >= acc_up and n/a <= na_down
     na_down: float = 0.1
     err_up: float = 0.4               # clue -> decision when 1 - acc >= err_up or n/a >= na_up
     na_up: float = 0.5
     k_min: int = 5                    # updates at least in a stage before it may switch
     patience: int = 20                # a stage ends after this many updates; 0: never forced
+    heldout_games: int = 0            # games on pairs training never sees, voted greedily
+                                      # before and after (vision_zero/heldout.py); 0: none
+    heldout_pairs: str | None = None  # their JSONL manifest; None: the embedded default's own
     warmup_steps: int = 3000          # embedded default only: the toy base learns the game's
                                       # format first (docs/vision_zero.md); 0: none
 
@@ -173,6 +186,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     spy: SpyConfig = field(default_factory=SpyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -317,6 +331,7 @@ def _check(cfg):
     need(spy.k_min >= 1, "spy.k_min", "must be >= 1")
     need(spy.patience >= 0, "spy.patience", "must be >= 0 (0: a stage is never forced to end)")
     need(spy.warmup_steps >= 0, "spy.warmup_steps", "must be >= 0")
+    need(spy.heldout_games >= 0, "spy.heldout_games", "must be >= 0 (0: no held-out games)")
     questioner = cfg.questioner
     need(questioner.answer_samples >= 1, "questioner.answer_samples", "must be >= 1")
     need(questioner.diversity_weight >= 0, "questioner.diversity_weight", "must be >= 0")
@@ -342,6 +357,10 @@ def _check(cfg):
          f"must be <= labeling.p_high ({labeling.p_high})")
     need(labeling.p_low_yes_no is None or 0 <= labeling.p_low_yes_no <= 1,
          "labeling.p_low_yes_no", "must be in [0, 1] or null")
+    need(cfg.guard.min_yield is None or 0 <= cfg.guard.min_yield <= 1, "guard.min_yield",
+         "must be in [0, 1] or null (never stop)")
+    need(cfg.guard.max_eval_drop is None or cfg.guard.max_eval_drop >= 0, "guard.max_eval_drop",
+         "must be >= 0 (points) or null (never stop)")
     evaluation = cfg.eval
     need(evaluation.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(evaluation.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -349,6 +368,28 @@ def _check(cfg):
          "must be >= 1 or null")
     need(evaluation.samples >= 0, "eval.samples", "must be >= 0 (0: greedy only)")
     return cfg
+
+
+def first_difference(old, new, prefix="", defaults=None):
+    """(dotted key, old value, new value) of the first leaf where two config dicts differ. With
+    `defaults` (a config dict of config.py's defaults), a key the old config lacks is no
+    difference while the new one holds its default: a knob added to the project since, whose
+    default is what the old code did."""
+    defaults = defaults or {}
+    for key in list(new) + [k for k in old if k not in new]:
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.", defaults.get(key))
+            if found is not None:
+                return found
+        elif a != b and not (key not in old and key in defaults and b == defaults[key]):
+            return f"{prefix}{key}", a, b
+    return None
+
+
+# The sections a method never reads: a rerun of its run directory may change them.
+UNREAD = {"visplay": ("spy",),
+          "vision-zero": ("questioner", "reasoner", "generation", "labeling", "guard")}
 
 
 def parse_override(text):

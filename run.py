@@ -36,7 +36,7 @@ import yaml
 import checkpoint
 import distributed
 from benchmark_files import load_benchmark
-from config import ConfigError, config_to_dict
+from config import UNREAD, Config, ConfigError, config_to_dict, first_difference
 from data import ImagePool, atomic_path, list_images, load_image, read_pairs, write_jsonl
 from distributed import gathered, is_sharded, load_into_shards, shard_model
 from grpo import Learner, make_optimizer
@@ -96,13 +96,20 @@ def check_sources(cfg):
             raise ConfigError("data.images: a run on model.path needs a folder or a JSONL "
                               "manifest of images")
     pixels = cfg.model.min_pixels, cfg.model.max_pixels
-    if game and cfg.spy.pairs is not None:
-        try:
-            pairs = read_pairs(cfg.spy.pairs)
-            _first_readable(pairs, lambda pair: [load_image(path, *pixels) for path in pair],
-                            f"pairs of {cfg.spy.pairs}")
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"spy.pairs: {error}") from None
+    for key in ("pairs", "heldout_pairs"):
+        manifest = getattr(cfg.spy, key)
+        if not game or key == "heldout_pairs" and not cfg.spy.heldout_games:
+            continue
+        if manifest is None and key == "heldout_pairs" and cfg.model.path is not None:
+            raise ConfigError("spy.heldout_pairs: held-out games on model.path need a manifest "
+                              "of pairs the training never sees (or spy.heldout_games=0)")
+        if manifest is not None:
+            try:
+                pairs = read_pairs(manifest)
+                _first_readable(pairs, lambda pair: [load_image(path, *pixels) for path in pair],
+                                f"pairs of {manifest}")
+            except (FileNotFoundError, ValueError) as error:
+                raise ConfigError(f"spy.{key}: {error}") from None
     image_paths = None
     if cfg.data.images is not None:
         try:
@@ -148,19 +155,6 @@ def check_run_dir(path):
     except OSError as error:
         raise ConfigError(f"run_dir: cannot write in {path!r} ({error.strerror}): give a folder "
                           "this user may write") from None
-
-
-def _first_difference(old, new, prefix=""):
-    """(dotted key, old value, new value) of the first leaf where two config dicts differ."""
-    for key in list(new) + [k for k in old if k not in new]:
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
-            if found is not None:
-                return found
-        elif a != b:
-            return f"{prefix}{key}", a, b
-    return None
 
 
 @dataclass
@@ -290,27 +284,29 @@ class Run:
     def check_config(self):
         """Save the resolved config; refuse to resume a run directory made with another config.
 
-        What may change on a rerun: how long it runs (iterations), where and how it runs (run_dir,
-        device, timeout_minutes, save_every), where its numbers go (logging.*), and eval.* while
-        no evaluation was written with the old one. Anything else would make the finished stages
-        disagree with config.yaml."""
+        What may change on a rerun: how long it runs (iterations, guard.*), where and how it runs
+        (run_dir, device, timeout_minutes, save_every), where its numbers go (logging.*), the
+        sections its method never reads (`config.UNREAD`), a key added to config.py since the run
+        began while it keeps its default, and eval.* while no evaluation was written with the old
+        one. Anything else would make the finished stages disagree with config.yaml."""
         path = self.path("config.yaml")
         current = config_to_dict(self.cfg)
         if os.path.exists(path):
             with open(path) as f:
                 previous = yaml.safe_load(f) or {}
             free = ("iterations", "run_dir", "device", "timeout_minutes", "save_every", "eval",
-                    "logging")
-            changed = _first_difference({k: v for k, v in previous.items() if k not in free},
-                                        {k: v for k, v in current.items() if k not in free})
+                    "logging", "guard") + UNREAD[self.cfg.method]
+            changed = first_difference({k: v for k, v in previous.items() if k not in free},
+                                       {k: v for k, v in current.items() if k not in free},
+                                       defaults=config_to_dict(Config()))
             if changed is not None:
                 key, old, new = changed
                 raise ConfigError(
                     f"{key}: run_dir {self.dir!r} holds a run made with {key} = {old!r}, this "
                     f"config has {new!r}; use another run_dir (--set run_dir=...) or delete that "
                     "folder to start over")
-            changed = _first_difference({"eval": previous.get("eval")},
-                                        {"eval": current["eval"]})
+            changed = first_difference({"eval": previous.get("eval")},
+                                       {"eval": current["eval"]})
             evaluated = sorted(name for name in os.listdir(self.dir)
                                if re.fullmatch(r"eval_v\d+\.json", name))
             if changed is not None and evaluated:

@@ -32,6 +32,7 @@ Deviations from the released code (the README gives the same list, with reasons)
 - Uncertainty scale as a knob: 1 (the paper's 1 - 2|p - 1/2|) or 0.5 (the released code's).
 - One answer budget: the answers that score a question are sampled as labeling's are.
 - DAPO's dynamic sampling, an option: `reasoner.dynamic_sampling` (0, off, as in the paper).
+- A stopping guard: a yield under `guard.min_yield` ends the run before T (`guard.py`).
 
 Every stage writes its result atomically into the run directory; rerunning the same command skips
 the stages whose result exists and resumes an interrupted one (README, "Run directory").
@@ -53,6 +54,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import checkpoint
 import distributed
+import guard
 from answers import extract_boxed, infer_answer_type, majority_vote
 from config import ConfigError, load_config
 from data import atomic_path, load_image, read_jsonl, write_jsonl
@@ -92,8 +94,7 @@ class Vote:
 
 def answer_votes(reasoner, processor, queries, *, samples, sampling, limits, generator):
     """The reasoner answers each `Query` `samples` times; majority vote over the boxed answers
-    (`answers.majority_vote`). Returns a `Vote` per query.
-    """
+    (`answers.majority_vote`). Returns a `Vote` per query."""
     if not queries:
         return []
     tokens = special_tokens(processor, reasoner)
@@ -391,17 +392,6 @@ STEP_NAMES = ["questioner stage", "question generation", "silver labels", "reaso
               "evaluation"]
 
 
-def step_outputs(iteration):
-    """What each step of an iteration writes, in the order the run makes it: per step, its
-    outputs, the last of which marks the step done (iteration 0: the base's evaluation)."""
-    i = iteration
-    if i == 0:
-        return [("eval_v0_items.jsonl", "eval_v0.json")]
-    return [(f"questioner_v{i}",), (f"questions_v{i}.jsonl",),
-            (f"labeled_v{i}.jsonl", f"kept_v{i}.jsonl"), (f"reasoner_v{i}",),
-            (f"eval_v{i}_items.jsonl", f"eval_v{i}.json")]
-
-
 def run_loop(cfg):
     """The whole VisPlay run: evaluate the base, then T iterations of the five steps, resuming.
     A finished output that is not what the run wrote is made again, with all that follows it
@@ -412,10 +402,11 @@ def run_loop(cfg):
     log.info("run %s: %d pool images, base %s, device %s, %d process(es)", run.dir, len(run.pool),
              run.base, run.device, distributed.world_size())
     checkpoint.check_outputs(run.dir, [name for i in range(cfg.iterations + 1)
-                                       for outputs in step_outputs(i) for name in outputs])
+                                       for outputs in checkpoint.step_outputs(i)
+                                       for name in outputs])
     if not os.path.exists(run.path("eval_v0.json")):
         evaluate_reasoner(run, 0, reasoner_path=run.base, out_path=run.path("eval_v0.json"))
-        checkpoint.record_outputs(run.dir, step_outputs(0)[0])
+        checkpoint.record_outputs(run.dir, checkpoint.step_outputs(0)[0])
         free_memory()
     else:
         log.info("[iter 0] eval_v0.json exists: the base's evaluation is reused")
@@ -440,7 +431,10 @@ def run_loop(cfg):
             lambda out: evaluate_reasoner(
                 run, i, reasoner_path=run.path(f"reasoner_v{i}"), out_path=out),
         ]
-        for k, (outputs, step) in enumerate(zip(step_outputs(i), steps)):
+        stop = None
+        for k, (outputs, step) in enumerate(zip(checkpoint.step_outputs(i), steps)):
+            if k == 3 and (stop := guard.after_labels(run.dir, i, cfg.guard.min_yield)):
+                break  # too few questions left to train on
             out = run.path(outputs[-1])
             if os.path.exists(out):
                 log.info("[iter %d] %s exists: stage skipped", i, outputs[-1])
@@ -454,14 +448,19 @@ def run_loop(cfg):
             checkpoint.record_outputs(run.dir, outputs)
             free_memory()  # the stage's models, before the next stage loads its own
         checkpoint.clean_leftovers(run.dir, i)
-        summaries.append(iteration_summary(run.dir, i, run.truth))
+        if stop is None:
+            summaries.append(iteration_summary(run.dir, i, run.truth))
+            stop = guard.eval_drop(summaries, cfg.guard.max_eval_drop)
         if distributed.is_main():
             write_jsonl(run.path("summary.jsonl"), summaries)
         run.log_summaries(summaries)
+        if stop:
+            log.warning(stop)
+            break
     run.close_logging()
     if distributed.is_main():
         log.info("done in %.1f s", time.perf_counter() - started)
-        print(format_summary(summaries))
+        print(format_summary(summaries) + (f"\n\n{stop}" if stop else ""))
     return summaries
 
 

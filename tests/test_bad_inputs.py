@@ -126,7 +126,7 @@ def test_the_corrected_rerun_proceeds_in_the_same_run_dir(tmp_path, capsys, tiny
 
 def test_a_pair_of_two_sizes_plays_with_one_warning(tmp_path, caplog):
     from vision_zero.rules import Game
-    from vision_zero.train import readable_games
+    from vision_zero.play import readable_games
 
     Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "a.png")
     Image.new("RGB", (112, 56), (30, 30, 200)).save(tmp_path / "b.png")

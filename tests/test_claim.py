@@ -24,6 +24,15 @@ def test_paper_filter_is_the_papers_and_full_differs_only_by_the_yes_no_floor():
     assert (low, high) == (0.3, 0.8) and floor is not None and floor > high
 
 
+def test_a_settings_own_keys_win_over_the_command_lines():
+    extra = ["questioner.steps=30", "questioner.lr=1e-4", "labeling.p_high=0.9"]
+    untrained = load_config(CONFIG, claim.overrides("no_questioner", extra))
+    assert untrained.questioner.steps == 0 and untrained.questioner.lr == 1e-4
+    full = load_config(CONFIG, claim.overrides("full", extra))
+    assert full.questioner.steps == 30 and full.labeling.p_high == 0.9
+    assert load_config(CONFIG, claim.overrides("no_filter", extra)).labeling.p_high == 1.0
+
+
 def test_no_filter_keeps_every_labeled_question_and_full_no_uncertain_yes_no():
     rows = [{"id": i, "silver_answer": a, "confidence": p} for i, (a, p) in enumerate([
         ("4", 0.125), ("4", 1.0), ("no", 0.5), ("yes", 1.0), ("3", 0.5)])]

@@ -177,6 +177,8 @@ def test_wrong_type(tmp_path, text, key):
     ("iterations: 0\n", "iterations"),
     ("data:\n  max_images: 0\n", "data.max_images"),
     ("data:\n  toy_language: spatial\n", "data.toy_language"),
+    ("guard:\n  min_yield: 1.5\n", "guard.min_yield"),
+    ("guard:\n  max_eval_drop: -1\n", "guard.max_eval_drop"),
     # each of these was once reported under another key (kl_coef, eps_low, answer_temperature,
     # labeling.*): the message must start with the key that is wrong
     ("questioner:\n  lr: -1.0e-5\n", "questioner.lr"),

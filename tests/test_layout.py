@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIPPED = {"tests", "docs", "runs", "__pycache__"}  # folders that hold no project module
 # Modules that read files or state rules: they must work without the model code (models/) and
 # without loading torch or transformers.
-NO_MODEL_CODE = ["answers", "benchmark_files", "config", "data", "rewards", "summary",
+NO_MODEL_CODE = ["answers", "benchmark_files", "config", "data", "guard", "rewards", "summary",
                  "toyworld.world", "vision_zero.rules"]
 
 

@@ -131,6 +131,33 @@ def test_rerun_through_another_spelling_of_run_dir_resumes(finished_run, caplog)
     assert any("eval_v0.json exists" in r.message for r in caplog.records)
 
 
+def test_rerun_accepts_new_keys_at_their_default_and_sections_the_method_never_reads(
+        finished_run, tmp_path):
+    """A run made before a knob existed (its config.yaml lacks the key) resumes while the knob
+    keeps config.py's default; not when the knob differs from it. A VisPlay run never reads the
+    spy section, so a change there does not stop it."""
+    import shutil
+
+    import yaml
+
+    run_dir, overrides, summaries = finished_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    with open(os.path.join(copy, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    del saved["questioner"]["shared_prefix"]   # default true, as config.yaml has it
+    del saved["labeling"]["p_low_yes_no"]      # default null; config.yaml has 0.85
+    with open(os.path.join(copy, "config.yaml"), "w") as f:
+        yaml.safe_dump(saved, f, sort_keys=False)
+    moved = overrides + [f"run_dir={copy}"]
+    with pytest.raises(ConfigError, match="^labeling.p_low_yes_no: .* '<absent>', this config "
+                                          "has 0.85"):
+        visplay.run_loop(load_config("config.yaml", moved))
+    again = visplay.run_loop(load_config("config.yaml", moved + ["labeling.p_low_yes_no=null",
+                                                                "spy.lr=0.5"]))
+    assert again == summaries
+
+
 def test_rerun_removes_what_a_kill_left_behind_finished_stages(finished_run, caplog):
     """Kill windows, recreated by hand: between writing questions_v1.jsonl (or kept_v1.jsonl) and
     removing its parts; after an export, while its checkpoints were being deleted (a step folder
@@ -154,6 +181,28 @@ def test_rerun_removes_what_a_kill_left_behind_finished_stages(finished_run, cap
         assert not os.path.exists(folder), folder
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
     assert sum("left by an interrupted run" in r.message for r in caplog.records) == 4
+
+
+def test_thin_filter_guard_stops_before_the_reasoner_stage(
+        tmp_path, format_model_dir, image_dir, benchmark_file, capsys):
+    """A band that keeps nothing (p in [0, 0]: every voted question has p > 0) gives yield 0: the
+    run stops in iteration 1 after its silver labels, with the reason as its last printed line;
+    a rerun stops at the same place, and guard.min_yield=null (free on a rerun) goes on."""
+    overrides = tiny_overrides(tmp_path, format_model_dir, image_dir, benchmark_file) + [
+        "iterations=2", "labeling.p_high=0.0", "guard.min_yield=0.5", "reasoner.steps=1"]
+    summaries = visplay.run_loop(load_config("config.yaml", overrides))
+    labeled = [json.loads(line) for line in open(tmp_path / "labeled_v1.jsonl")]
+    assert labeled and [s["iteration"] for s in summaries] == [0]
+    assert (tmp_path / "kept_v1.jsonl").read_text() == ""
+    assert not (tmp_path / "reasoner_v1").exists() and not (tmp_path / "eval_v1.json").exists()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"guard: stopped in iteration 1, before its reasoner stage: the filter kept 0 "
+                    f"of {len(labeled)} labeled questions (yield 0.000 < guard.min_yield 0.5); "
+                    "the run's last reasoner is the base (guard.min_yield=null goes on)")
+    assert visplay.run_loop(load_config("config.yaml", overrides)) == summaries
+    again = visplay.run_loop(load_config("config.yaml", overrides + ["guard.min_yield=null",
+                                                                     "iterations=1"]))
+    assert [s["iteration"] for s in again] == [0, 1] and (tmp_path / "reasoner_v1").exists()
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, image_dir):

@@ -80,6 +80,41 @@ def test_phase_switch_follows_the_rule_worked_out_by_hand():
     assert [switch.observe(*x) for x in [(1, 0), (1, 0.6), (1, 0.05)]] == [C, D, C]
 
 
+def test_debiased_switch_reads_the_emas_over_one_minus_rho_to_the_t():
+    # rho 0.5, K_min 2, no patience; accuracy 0.95 every update, n/a 0:
+    #  t 1: EMA .475,   / (1 - .5)   = .95   d 1 < 2                      decision
+    #  t 2: EMA .7125,  / (1 - .25)  = .95   d 2: .95 >= .9, n/a 0 <= .1  -> clue
+    # without debias: .475, .7125, .83125, .890625, .9203125: the switch waits for t 5
+    switch = spy.PhaseSwitch(rho=0.5, k_min=2, patience=0, debias=True)
+    assert switch.observe(0.95, 0) == spy.DECISION and switch.reason is None
+    assert switch.estimates() == pytest.approx((0.95, 0.0))
+    assert switch.observe(0.95, 0) == spy.CLUE
+    assert switch.reason == "accuracy 0.950 >= 0.9 and n/a 0.000 <= 0.1"
+    assert (switch.acc, switch.t) == pytest.approx((0.7125, 2))
+    plain = spy.PhaseSwitch(rho=0.5, k_min=2, patience=0)
+    assert [plain.observe(0.95, 0) for _ in range(5)] == ["decision"] * 4 + ["clue"]
+    assert plain.acc == pytest.approx(0.9203125) and plain.estimates()[0] == plain.acc
+    # clue stage, t 3 and 4 with accuracy 0.5: EMAs .60625 and .553125, over .875 and .9375:
+    # .6929 (error .307: stay), .59 (error .41 >= .4 and d 2: -> decision)
+    assert switch.observe(0.5, 0) == spy.CLUE and switch.reason is None
+    assert switch.observe(0.5, 0) == spy.DECISION
+    assert switch.reason == "error 0.410 >= 0.4"
+    resumed = spy.PhaseSwitch(rho=0.5, k_min=2, patience=0, debias=True)
+    resumed.load_state_dict(switch.state_dict())
+    assert resumed.estimates() == switch.estimates()
+
+
+def test_switch_reasons_name_the_rule_that_fired():
+    switch = spy.PhaseSwitch(rho=0.0, k_min=1, patience=0)
+    switch.observe(1, 0)
+    switch.observe(1, 0.6)  # clue -> decision by the n/a rule, accuracy high
+    assert switch.reason == "n/a 0.600 >= 0.5"
+    forced = spy.PhaseSwitch(rho=0.5, k_min=1, patience=2)
+    forced.observe(0, 0)
+    forced.observe(0, 0)
+    assert forced.phase == spy.CLUE and forced.reason == "patience (2 updates)"
+
+
 def test_phase_switch_patience_and_the_released_codes_alternation():
     switch = spy.PhaseSwitch(rho=0.5, k_min=1, patience=3)  # accuracy 0: only patience moves it
     assert [switch.observe(0, 0) for _ in range(4)] == ["decision", "decision", "clue",

@@ -18,6 +18,7 @@ from sampler import Limits, Rollout
 from test_distributed import run_cli, sigkill_when_written
 from toyworld import base as toy_base
 from toyworld import world as toy_world
+from vision_zero import play as playing
 from vision_zero import rules as spy
 from vision_zero import train as game
 from vision_zero import warmup
@@ -66,15 +67,15 @@ def test_who_sees_what_in_a_played_game(pairs_file, monkeypatch):
                     for i in range(len(texts[call]))]
         return [f"\\boxed{{{1 + j % 4}}}" for j in range(ids.shape[0])]
 
-    monkeypatch.setattr(game, "encode_prompt", encode)
-    monkeypatch.setattr(game, "rollout", fake_rollout)
-    monkeypatch.setattr(game, "decode", fake_decode)
+    monkeypatch.setattr(playing, "encode_prompt", encode)
+    monkeypatch.setattr(playing, "rollout", fake_rollout)
+    monkeypatch.setattr(playing, "decode", fake_decode)
     from data import load_image
 
     pairs = read_pairs(pairs_file)
     images = [tuple(load_image(p, 784, 12544) for p in pairs[i]) for i in (0, 1)]
     games = [spy.Game(0, 2, 4), spy.Game(1, 4, 4)]
-    played = game.play(run, torch.nn.Linear(1, 1), None, SimpleNamespace(pad_id=0),
+    played = playing.play(run, torch.nn.Linear(1, 1), None, SimpleNamespace(pad_id=0),
                        games, images, step=0)
 
     clue_prompts = prompts[:16]  # 2 rounds x 4 seats x 2 games, turn by turn
@@ -121,7 +122,7 @@ def test_only_the_active_stage_gets_gradients(format_model_dir, pairs_file):
 
     pairs = read_pairs(pairs_file)
     images = [tuple(load_image(p, 784, 12544) for p in pairs[i]) for i in (0, 1)]
-    played = game.play(run, model, processor, tokens, [spy.Game(0, 1, 3),
+    played = playing.play(run, model, processor, tokens, [spy.Game(0, 1, 3),
                                                        spy.Game(1, 3, 3)], images, step=0)
     clue, vote, stats = game.score(played, spy.RoleBaselines(0.95), settings)
     assert len(clue[1]) == 2 * 3 and len(vote[1]) == 2 * 2 * 2
@@ -157,7 +158,8 @@ def _overrides(run_dir, model_dir, pairs, benchmark_file):
             "eval.samples=0", "save_every=1", "spy.steps=5", "spy.prompts_per_step=2",
             "spy.civilians=2", "spy.group_size=2", "spy.max_new_tokens=6",
             "spy.vote_max_new_tokens=6", "spy.micro_batch_size=8", "spy.lr=1e-3",
-            "spy.k_min=1", "spy.patience=2", "spy.ema_rho=0.5"]
+            "spy.k_min=1", "spy.patience=2", "spy.ema_rho=0.5", "spy.heldout_games=3",
+            f"spy.heldout_pairs={pairs}"]
 
 
 def _run_cli(overrides):
@@ -197,6 +199,8 @@ def test_sigkill_mid_game_then_resume_equals_uninterrupted_run(format_model_dir,
                 read_jsonl(os.path.join(folder, "metrics.jsonl"))]
     assert phases(clean) == phases(killed)
     assert {p for _, p, _ in phases(clean)} == {"decision", "clue"}
+    for name in ("heldout_clues.jsonl", "heldout_v0.json", "heldout_v1.json"):
+        assert open(os.path.join(clean, name)).read() == open(os.path.join(killed, name)).read()
     assert not os.path.exists(os.path.join(killed, "checkpoints", "spy_v1"))
 
 
@@ -206,11 +210,12 @@ def test_an_unreadable_pair_is_skipped_and_counted(pairs_file, tmp_path):
     broken.write_bytes(b"not a png")
     pairs[1] = (pairs[1][0], str(broken))
     games = [spy.Game(0, 1, 3), spy.Game(1, 2, 3), spy.Game(2, 3, 3)]
-    kept, images, skipped = game.readable_games(games, pairs, 784, 12544)
+    kept, images, skipped = playing.readable_games(games, pairs, 784, 12544)
     assert kept == [games[0], games[2]] and skipped == 1 and len(images) == 2
 
 
-def test_bad_pairs_are_refused_before_any_work(tiny_model_dir, benchmark_file, tmp_path):
+def test_bad_pairs_are_refused_before_any_work(tiny_model_dir, benchmark_file, tmp_path,
+                                               pairs_file):
     from config import ConfigError
     from run import check_sources
 
@@ -226,6 +231,12 @@ def test_bad_pairs_are_refused_before_any_work(tiny_model_dir, benchmark_file, t
     empty.write_text("")
     with pytest.raises(ConfigError, match="^spy.pairs: .*lists no pairs"):
         check_sources(load_config(None, base + [f"spy.pairs={empty}"]))
+    held = base + [f"spy.pairs={pairs_file}", "spy.heldout_games=8"]
+    with pytest.raises(ConfigError, match="^spy.heldout_pairs: held-out games on model.path"):
+        check_sources(load_config(None, held))
+    with pytest.raises(ConfigError, match="^spy.heldout_pairs: .*lists no pairs"):
+        check_sources(load_config(None, held + [f"spy.heldout_pairs={empty}"]))
+    check_sources(load_config(None, held + [f"spy.heldout_pairs={pairs_file}"]))
 
 
 def test_the_shipped_game_base_is_the_default_games_and_verifies(tmp_path):

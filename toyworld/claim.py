@@ -45,6 +45,12 @@ SETTINGS = {
 }
 
 
+def overrides(setting, extra):
+    """A setting's config overrides after the command line's `extra` ones: the setting's own keys
+    win (no_questioner stays untrained under --set questioner.steps=30)."""
+    return list(extra) + SETTINGS[setting]
+
+
 def run(out, seed, setting, extra):
     """One visplay run (resumes if it was interrupted); returns its summary rows."""
     run_dir = os.path.join(out, f"seed{seed}", setting)
@@ -56,7 +62,7 @@ def run(out, seed, setting, extra):
         os.path.join(ROOT, "visplay.py")]
     args = [sys.executable, *script, "--config", os.path.join(ROOT, "config.yaml"),
             "--set", f"run_dir={run_dir}", "--set", f"seed={seed}"]
-    for override in SETTINGS[setting] + extra:
+    for override in overrides(setting, extra):
         args += ["--set", override]
     started = time.perf_counter()
     with open(os.path.join(run_dir, "stdout.log"), "a") as log:

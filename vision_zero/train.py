@@ -14,106 +14,33 @@ has the game's rules; the sampler, GRPO update, FSDP2, checkpoints and evaluatio
    updates hold the switch and the role baselines too, so a rerun resumes exactly.
 3. The trained model (spy_v1/) evaluated -> eval_v1.json; the per-step metrics are in
    metrics.jsonl, every step's games in games/.
+With spy.heldout_games, the starting model's clues on a fixed set of held-out games are frozen
+after step 1 (heldout_clues.jsonl), and the starting and the trained model vote on them (and after
+their own clues) -> heldout_v0.json, heldout_v1.json (`heldout.py`); the run prints the line.
 """
 
 import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 import checkpoint
 import distributed
-from data import load_image, read_pairs, write_jsonl
-from distributed import gathered, my_part
+from data import read_pairs, write_jsonl
+from distributed import my_part
 from eval import evaluate_reasoner
 from grpo import RolloutBatch, group_advantages, train_step
-from models.inputs import encode_prompt
 from run import Run, draw, free_memory, seed_for
-from sampler import Sampling, concat_rollouts, decode, rollout
+from sampler import concat_rollouts
 from summary import eval_row, format_summary
 from tracking import progress
-from vision_zero import rules
+from vision_zero import heldout, rules
+from vision_zero.play import play, readable_games
 from vision_zero.warmup import toy_pairs, warm_up
 
 log = logging.getLogger("visplay")
-
-
-# ----------------------------------------------------------------------------
-# Playing
-
-
-@dataclass
-class Played:
-    """One step's games on this rank, played to the end."""
-    games: list                   # `rules.Game`
-    turns: list                   # per game, its `rules.Turn`s in speaking order
-    clue_prompts: list            # the `Prompt` of each clue row
-    clue_rollout: object          # `Rollout`: one row per clue, rounds x seats x games
-    clue_owner: list              # (game, player) of each clue row
-    vote_prompts: list            # the `Prompt` of each vote prompt
-    vote_rollout: object          # `Rollout`: group_size rows per vote prompt
-    vote_owner: list              # (game, voter) of each vote prompt (voter None: observer)
-    votes: list                   # per vote prompt, its parsed samples (seat, rules.NA or None)
-    clue_texts: list              # each clue row's decoded completion, for the game files
-
-
-def play(run, policy, processor, tokens, games, images, step):
-    """Play `games` (images[i]: game i's (original, edited) images): clue turns in seat order
-    over the rounds, each turn of every game sampled together; then the votes."""
-    settings = run.cfg.spy
-    style, difference = settings.prompts, settings.difference
-    clue_sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
-                             settings.max_new_tokens)
-    vote_sampling = Sampling(settings.temperature, settings.top_p, settings.top_k,
-                             settings.vote_max_new_tokens)
-    limits = run.limits(settings.rollout_batch_size)
-
-    def seen(game, i, player):  # the image `player` of game i holds
-        original, edited = images[i]
-        if player != game.spy:
-            return original
-        return edited if settings.spy_image == "edited" else Image.new("RGB", edited.size,
-                                                                       (255, 255, 255))
-
-    turns = [[] for _ in games]
-    clue_prompts, clue_parts, clue_owner, clue_texts = [], [], [], []
-    with gathered(policy):
-        for r in range(1, settings.rounds + 1):
-            for k in range(1, games[0].players + 1):
-                prompts = [encode_prompt(processor, seen(g, i, k), rules.clue_prompt_text(
-                    g, k, r, turns[i], style=style, difference=difference))
-                    for i, g in enumerate(games)]
-                part = rollout(policy, prompts, group_size=1, sampling=clue_sampling,
-                               tokens=tokens, limits=limits,
-                               generator=run.generator("spy", step, "clue", r, k))
-                for i, text in enumerate(decode(processor, part.completion_ids,
-                                                part.completion_mask)):
-                    reasoning, clue = rules.parse_clue(text)
-                    turns[i].append(rules.Turn(k, r, reasoning, clue))
-                    clue_owner.append((i, k))
-                    clue_texts.append(text)
-                clue_prompts += prompts
-                clue_parts.append(part)
-        vote_owner = [(i, voter) for i, g in enumerate(games)
-                      for voter in (g.civilians() if settings.voters == "civilians" else [None])]
-        vote_prompts = [encode_prompt(processor, images[i][0], rules.vote_prompt_text(
-            games[i], voter, turns[i], style=style, difference=difference))
-            for i, voter in vote_owner]
-        vote_rollout = rollout(policy, vote_prompts, group_size=settings.group_size,
-                               sampling=vote_sampling, tokens=tokens, limits=limits,
-                               generator=run.generator("spy", step, "vote"))
-    vote_texts = decode(processor, vote_rollout.completion_ids, vote_rollout.completion_mask)
-    size = settings.group_size
-    votes = [[rules.parse_vote(t, games[i].players) for t in vote_texts[j * size:(j + 1) * size]]
-             for j, (i, _) in enumerate(vote_owner)]
-    batches = [list(range(j * len(games), (j + 1) * len(games))) for j in range(len(clue_parts))]
-    clue_rollout = concat_rollouts(clue_parts, tokens.pad_id, batches)
-    return Played(games, turns, clue_prompts, clue_rollout, clue_owner, vote_prompts,
-                  vote_rollout, vote_owner, votes, clue_texts)
 
 
 # ----------------------------------------------------------------------------
@@ -187,34 +114,12 @@ def training_batch(played, phase, clue, vote, *, phase_mask, pad_id):
 # Training
 
 
-def readable_games(games, pairs, min_pixels, max_pixels, warned=None):
-    """(games, their (original, edited) images, how many were skipped): a game whose pair cannot
-    be read is skipped, logged and counted, never fatal. A pair whose two images differ in size
-    is played (each image is resized on its own) with a warning, once per pair when `warned` (a
-    set of pair indices) is given."""
-    kept, images = [], []
-    for game in games:
-        try:
-            pair = tuple(load_image(p, min_pixels, max_pixels) for p in pairs[game.pair])
-        except ValueError as error:
-            log.warning("[spy] skipping the game on pair %d: %s", game.pair, error)
-            continue
-        if pair[0].size != pair[1].size and game.pair not in (warned or set()):
-            log.warning("[spy] pair %d: its images differ in size (%dx%d and %dx%d after "
-                        "resizing): the spy's picture differs in more than its edit",
-                        game.pair, *pair[0].size, *pair[1].size)
-            if warned is not None:
-                warned.add(game.pair)
-        images.append(pair)
-        kept.append(game)
-    return kept, images, len(games) - len(kept)
-
-
 def _switch(settings):
     return rules.PhaseSwitch(rho=settings.ema_rho, acc_up=settings.acc_up,
                              na_down=settings.na_down, err_up=settings.err_up,
                              na_up=settings.na_up, k_min=settings.k_min,
-                             patience=settings.patience, schedule=settings.schedule)
+                             patience=settings.patience, schedule=settings.schedule,
+                             debias=settings.ema_debias)
 
 
 def _game_rows(played):
@@ -267,19 +172,21 @@ def train_game(run, pairs, *, start_path, out_path):
                                pad_id=tokens.pad_id)
         metrics = train_step(stage.learner, batch, settings)
         next_phase = switch.observe(stats["plurality_acc"], stats["na_rate"])
+        ema_acc, ema_na = switch.estimates()
         metrics.update(stats, iteration=1, stage="spy", step=step, phase=phase,
-                       next_phase=next_phase, ema_acc=switch.acc, ema_na=switch.na,
-                       skipped_pairs=skipped, seconds_playing=seconds_playing)
+                       next_phase=next_phase, switch_reason=switch.reason, ema_acc=ema_acc,
+                       ema_na=ema_na, skipped_pairs=skipped, seconds_playing=seconds_playing)
         run.log_metrics(metrics)
         rows = distributed.all_gather_list(_game_rows(played))
         if distributed.is_main():
             os.makedirs(run.path("games"), exist_ok=True)
             write_jsonl(run.path("games", f"step_{step:05d}.jsonl"), rows)
         log.info("[spy %d/%d %s] vote acc %.2f (plurality %.2f)  n/a %.2f  invalid votes %.2f "
-                 "clues %.2f  kl %.4f  -> %s  time play %.1fs train %.1fs", step + 1,
+                 "clues %.2f  kl %.4f  -> %s%s  time play %.1fs train %.1fs", step + 1,
                  settings.steps, phase, stats["vote_acc"], stats["plurality_acc"],
                  stats["na_rate"], stats["invalid_vote_rate"], stats["invalid_clue_rate"],
-                 metrics["kl"], next_phase, seconds_playing, metrics["seconds_training"])
+                 metrics["kl"], next_phase, f" (switch: {switch.reason})" if switch.reason else "",
+                 seconds_playing, metrics["seconds_training"])
         stage.save(step + 1, extra={"baselines": baselines.state_dict(),
                                     "switch": switch.state_dict()})
         bar.update(1)
@@ -299,14 +206,24 @@ def run_game(cfg):
         base = warm_up(run, run.base, run.path("embedded", "game_base"))
     log.info("vision-zero run %s: %d pairs, base %s, %d civilians + 1 spy, %d process(es)",
              run.dir, len(pairs), base, settings.civilians, distributed.world_size())
-    outputs = [("eval_v0_items.jsonl", "eval_v0.json"), ("spy_v1",),
-               ("eval_v1_items.jsonl", "eval_v1.json")]  # each step's, the last marking it done
-    checkpoint.check_outputs(run.dir, [name for names in outputs for name in names])
-    steps = [lambda out: evaluate_reasoner(run, 0, reasoner_path=base, out_path=out),
-             lambda out: train_game(run, pairs, start_path=base, out_path=out),
-             lambda out: evaluate_reasoner(run, 1, reasoner_path=run.path("spy_v1"),
-                                           out_path=out)]
-    for names, step in zip(outputs, steps):
+    held = settings.heldout_games > 0
+    if held:
+        held_pairs = heldout.read_heldout_pairs(run)
+    steps = [  # (what a step writes, the last marking it done; the step)
+        (("eval_v0_items.jsonl", "eval_v0.json"),
+         lambda out: evaluate_reasoner(run, 0, reasoner_path=base, out_path=out)),
+        *([(("heldout_clues.jsonl",),
+            lambda out: heldout.freeze_clues(run, base, held_pairs, out)),
+           (("heldout_v0.json",), lambda out: heldout.measure(
+               run, base, held_pairs, run.path("heldout_clues.jsonl"), out))] if held else []),
+        (("spy_v1",), lambda out: train_game(run, pairs, start_path=base, out_path=out)),
+        (("eval_v1_items.jsonl", "eval_v1.json"),
+         lambda out: evaluate_reasoner(run, 1, reasoner_path=run.path("spy_v1"), out_path=out)),
+        *([(("heldout_v1.json",), lambda out: heldout.measure(
+            run, run.path("spy_v1"), held_pairs, run.path("heldout_clues.jsonl"), out))]
+          if held else [])]
+    checkpoint.check_outputs(run.dir, [name for names, _ in steps for name in names])
+    for names, step in steps:
         if not os.path.exists(run.path(names[-1])):
             step(run.path(names[-1]))
             checkpoint.record_outputs(run.dir, names)
@@ -318,4 +235,6 @@ def run_game(cfg):
         write_jsonl(run.path("summary.jsonl"), summaries)
         log.info("done in %.1f s", time.perf_counter() - started)
         print(format_summary(summaries))
+        if held:
+            print(heldout.heldout_line(run.path("heldout_v0.json"), run.path("heldout_v1.json")))
     return summaries
