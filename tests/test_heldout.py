@@ -7,6 +7,7 @@ import random
 from run import seed_for
 from toyworld.world import WorldConfig, pool_scenes, scenes
 from vision_zero import heldout
+from vision_zero import rules
 from vision_zero.rules import NA, Game
 
 
@@ -20,13 +21,13 @@ def test_heldout_games_cycle_the_pairs_and_draw_seats_from_the_seed():
         [g.spy for g in heldout.heldout_games(3, 2, 40, 4)]
 
 
-def test_vote_scores_by_hand():
+def test_vote_tally_by_hand():
     games = [Game(0, 2, 3), Game(1, 3, 3)]
     # game 0 (spy 2): voter 1 votes 2 (right), voter 3 votes n/a; game 1 (spy 3): voter 1 votes
     # 2 (wrong), voter 2 votes None (invalid), 3 (right) in a second sample
     owner = [(0, 1), (0, 3), (1, 1), (1, 2)]
     votes = [[2], [NA], [2], [None, 3]]
-    assert heldout.vote_scores(games, owner, votes) == [5, 2, 1, 1]
+    assert rules.vote_tally(games, owner, votes) == [5, 2, 1, 1]
     assert heldout._shares([5, 2, 1, 1]) == {"votes": 5, "vote_acc": 0.4, "na_rate": 0.2,
                                              "invalid_rate": 0.2}
 

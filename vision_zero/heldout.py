@@ -13,7 +13,7 @@ from the games it trained on (spy.heldout_games; docs/vision_zero.md, "Held-out 
   and on its own clues (sampled from one stream, the same for both models) (`measure`).
 
 A vote is right when it names the spy; the scores are the share of civilian votes that are
-right, "n/a" and invalid, in each setting (`vote_scores`, summed over the ranks).
+right, "n/a" and invalid, in each setting (`rules.vote_tally`, summed over the ranks).
 """
 
 import json
@@ -54,13 +54,6 @@ def heldout_games(seed, pair_count, games, players):
     """The held-out games: pairs 0, 1, ... (cycled) and each spy's seat drawn from `seed`."""
     return rules.deal(random.Random(seed_for(seed, "heldout-seats")),
                       [i % pair_count for i in range(games)], players)
-
-
-def vote_scores(games, vote_owner, votes):
-    """(votes, right, n/a, invalid) counts over `votes` (one list of samples per vote prompt)."""
-    flat = [(v, games[i].spy) for (i, _), samples in zip(vote_owner, votes) for v in samples]
-    return [len(flat), sum(v == spy for v, spy in flat), sum(v == rules.NA for v, _ in flat),
-            sum(v is None for v, _ in flat)]
 
 
 def _shares(counts):
@@ -115,7 +108,7 @@ def measure(run, model_path, pairs, clues_path, out_path):
         for name, turns in (("frozen_clues", frozen_turns), ("own_clues", own_turns)):
             owner, _, _, votes = play_votes(run, model, processor, tokens, games, images, turns,
                                             group_size=1) if games else ([], [], [], [])
-            counts[name] = vote_scores(games, owner, votes)
+            counts[name] = rules.vote_tally(games, owner, votes)
     played, skipped = distributed.all_reduce_sum([len(games), skipped])
     result = {"games": int(played), "skipped_pairs": int(skipped)}
     for name, values in counts.items():

@@ -219,6 +219,14 @@ def clue_rewards(v, spy, *, beta, lam):
     return rewards
 
 
+def vote_tally(games, vote_owner, votes):
+    """[votes, right, n/a, invalid] over `votes` (the samples of each vote prompt, whose (game,
+    voter) is in `vote_owner`): how many name the game's spy, say n/a, or are invalid."""
+    flat = [(v, games[i].spy) for (i, _), samples in zip(vote_owner, votes) for v in samples]
+    return [len(flat), sum(v == spy for v, spy in flat), sum(v == NA for v, _ in flat),
+            sum(v is None for v, _ in flat)]
+
+
 def decision_reward(vote, spy, *, right=1.0, na=-0.5, wrong=-1.0):
     """The paper's equation 4: +1 the spy, -0.5 "n/a", -1 anyone else; an invalid vote (None)
     is "anyone else"."""

@@ -76,8 +76,8 @@ def score(played, baselines, settings):
         top = max(counts.values())
         plural_right += [v for v, c in counts.items() if c == top] == [games[i].spy]
     totals = distributed.all_reduce_sum([
-        len(games), spy_sum, civilian_sum, len(flat), sum(v == s for v, s in flat),
-        sum(v == rules.NA for v, _ in flat), sum(v is None for v, _ in flat),
+        len(games), spy_sum, civilian_sum,
+        *rules.vote_tally(games, played.vote_owner, played.votes),
         len(played.votes), plural_right, len(played.clue_owner),
         sum(t.clue is None for turns in played.turns for t in turns)])
     (n_games, spy_sum, civilian_sum, n_votes, right, na, invalid, n_voters, plural_right,
